@@ -1,0 +1,90 @@
+"""Runtime configuration: one keyword-only dataclass, validated on construction."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["RuntimeConfig", "parse_size", "SCHEDULERS", "CACHE_POLICIES", "PREDICTORS"]
+
+# Placement rules the runtime understands. "simple" is the foundation's per-expert rule
+# (cached -> device; few tokens -> CPU; many tokens -> copy then device).
+SCHEDULERS = ("dynamic", "simple", "gpu-only", "cpu-only", "static", "fiddler")
+CACHE_POLICIES = ("lru", "lfu", "score", "predictive", "static-hot")
+PREDICTORS = (None, "gate-lookahead", "transition", "learned", "frequency")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "8GiB", "500MB", "1.5g" (binary for bare k/m/g)."""
+    if isinstance(size, bool):
+        raise TypeError(f"memory size must be an int or a string like '8GiB', got {size!r}")
+    if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"memory size must be >= 0 bytes, got {size}")
+        return size
+    if isinstance(size, float) and size.is_integer() and size >= 0:
+        return int(size)
+    if not isinstance(size, str):
+        raise TypeError(f"memory size must be an int or a string like '8GiB', got {size!r}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"cannot read memory size {size!r}: expected a number with an optional unit "
+            "(B, KB, MB, GB, KiB, MiB, GiB), e.g. '8GiB' or '500MB'"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    """How the hybrid runtime places and caches experts.
+
+    cache_policy: eviction policy of the device expert cache.
+    predictor: routing-path predictor used for prefetch (None: no prefetch).
+    scheduler: per-layer placement rule (see SCHEDULERS).
+    cpu_threads: threads for CPU experts (None: all cores).
+    copy_threshold_tokens: for the "simple"/"fiddler" rules, an uncached expert with at
+        least this many tokens is copied to the device instead of running on the CPU.
+    prefetch_depth: how many layers ahead the predictor's forecast is prefetched.
+    static_hot: for scheduler="static" / cache_policy="static-hot": experts pinned on the
+        device, as {moe_layer_index: [expert ids]}; None picks by slot order.
+    pin_memory: pin the host expert store (None: when CUDA is the device).
+    """
+
+    cache_policy: str = "lru"
+    predictor: str | None = None
+    scheduler: str = "simple"
+    cpu_threads: int | None = None
+    copy_threshold_tokens: int = 8
+    prefetch_depth: int = 1
+    static_hot: dict[int, list[int]] | None = None
+    pin_memory: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(
+                f"unknown cache_policy {self.cache_policy!r}; choose one of {', '.join(CACHE_POLICIES)}"
+            )
+        if self.predictor not in PREDICTORS:
+            names = ", ".join(str(p) for p in PREDICTORS)
+            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {names}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        if self.copy_threshold_tokens < 1:
+            raise ValueError(f"copy_threshold_tokens must be >= 1, got {self.copy_threshold_tokens}")
+        if self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+
+    @property
+    def threads(self) -> int:
+        return self.cpu_threads or max(1, os.cpu_count() or 1)
