@@ -1,0 +1,156 @@
+"""Expert-parallel MoE executor: one collective round per MoE-layer call.
+
+Shape key: T local tokens, D hidden size, K experts per token, R ranks.
+
+Every rank must enter every all_to_all, so a round is a collective. Each round starts
+with a small header all_to_all (rows per destination, layer, done flag, D, dtype, K), then
+dispatches rows, runs the local experts and combines (see comms.dispatch). Ranks whose
+data-parallel shard is exhausted call `drain()`: they keep joining rounds with no tokens
+of their own, serving other ranks' tokens, until every rank is draining. So ranks need
+not run the same number of batches or decode steps; they only need to call the MoE
+layers of one model in the same order, which the header checks (a mismatch raises on
+every rank instead of hanging).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from moe.comms.dispatch import all_to_all, apply_local_experts, plan_dispatch
+from moe.comms.placement import ExpertPlacement
+
+__all__ = ["EPConfig", "ExpertParallel", "LayerExpertFn"]
+
+# expert_fn(layer, expert, x_ND) -> y_ND
+LayerExpertFn = Callable[[int, int, torch.Tensor], torch.Tensor]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HEADER = 6  # count, layer, done, D, dtype code, K
+
+
+@dataclass(kw_only=True)
+class EPConfig:
+    """comm_dtype: dtype of hidden rows on the wire (None: the activations' dtype)."""
+
+    comm_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.comm_dtype is not None and self.comm_dtype not in _DTYPES:
+            raise ValueError(f"comm_dtype must be one of {_DTYPES} or None, got {self.comm_dtype}")
+
+
+@dataclass
+class EPStats:
+    """Counters of this rank: rounds, rows it sent to other ranks, local/remote activations."""
+
+    rounds: int = 0
+    remote_rows: int = 0
+    local_rows: int = 0
+    local_activations: int = 0
+    activations: int = 0
+    wire_bytes: int = field(default=0)  # dispatch + combine bytes this rank sent to others
+
+
+class ExpertParallel:
+    """Runs the routed experts of every MoE layer across the ranks of `group`.
+
+    placement: which rank holds which experts (same object on every rank).
+    expert_fn: computes one local expert: (layer, expert, x_ND) -> y_ND.
+    """
+
+    def __init__(self, *, placement: ExpertPlacement, expert_fn: LayerExpertFn,
+                 group: dist.ProcessGroup | None = None, config: EPConfig | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if placement.world_size != self.world_size:
+            raise ValueError(f"placement is for {placement.world_size} ranks, the process group has "
+                             f"{self.world_size}")
+        self.placement = placement
+        self.expert_fn = expert_fn
+        self.config = config or EPConfig()
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        self.stats = EPStats()
+        self._drained = False
+
+    def __call__(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                 topk_weights_TK: torch.Tensor, token_index_T: torch.Tensor | None = None) -> torch.Tensor:
+        """y_TD = sum_k w_tk * expert_{layer, id_tk}(x_t), experts wherever they live.
+
+        token_index_T: stable per-token index used to spread tokens over replicas.
+        """
+        if self._drained:
+            raise RuntimeError("this rank already called drain(); it can join no more MoE rounds")
+        if not 0 <= layer < self.placement.num_layers:
+            raise ValueError(f"layer {layer} outside the placement's {self.placement.num_layers} layers")
+        if x_TD.dim() != 2 or topk_ids_TK.shape[0] != x_TD.shape[0]:
+            raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_ids_TK {tuple(topk_ids_TK.shape)} "
+                             "must be [tokens, hidden] and [tokens, k]")
+        dest_TK = self.placement.dest_ranks(layer, topk_ids_TK, self.rank, token_index_T)
+        plan = plan_dispatch(topk_ids_TK, topk_weights_TK, dest_TK, self.world_size)
+        wire = self.config.comm_dtype or x_TD.dtype
+        x_SD = x_TD.to(self.device)[plan.token_S.to(self.device)].to(wire)
+        self._count(plan, dest_TK, x_SD)
+        y_SD = self._round(layer, plan.send_counts, x_SD, plan.ids_SK, plan.weights_SK, done=False)
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=self.device)
+        y_TD.index_add_(0, plan.token_S.to(self.device), y_SD.float())
+        return y_TD.to(device=x_TD.device, dtype=x_TD.dtype)
+
+    def drain(self) -> None:
+        """Serve other ranks' tokens until every rank has drained; then return."""
+        if self._drained:
+            return
+        zero = [0] * self.world_size
+        empty_K = torch.empty((0, 0), dtype=torch.int64)
+        while self._round(-1, zero, None, empty_K, empty_K.float(), done=True) is not None:
+            pass
+        self._drained = True
+
+    # --- one collective round -----------------------------------------------------------
+    def _round(self, layer: int, send_counts: list[int], x_SD: torch.Tensor | None,
+               ids_SK: torch.Tensor, weights_SK: torch.Tensor, done: bool) -> torch.Tensor | None:
+        R, dev = self.world_size, self.device
+        D = x_SD.shape[1] if x_SD is not None else 0
+        code = _DTYPES.index(x_SD.dtype) if x_SD is not None else 0
+        head_R6 = torch.tensor([[c, layer, int(done), D, code, ids_SK.shape[1]] for c in send_counts],
+                               dtype=torch.int64, device=dev).reshape(R, _HEADER)
+        got_R6 = all_to_all(head_R6, [1] * R, [1] * R, self.group).cpu()
+        self.stats.rounds += 1
+        active = got_R6[:, 2] == 0
+        if not active.any():
+            return None
+        ref = got_R6[active][0]
+        layer_now, D, code, K = int(ref[1]), int(ref[3]), int(ref[4]), int(ref[5])
+        bad = active & ((got_R6[:, 1] != layer_now) | (got_R6[:, 3] != D) | (got_R6[:, 4] != code))
+        if bad.any():
+            r = int(bad.nonzero()[0])
+            raise RuntimeError(
+                f"expert-parallel ranks are out of step: a rank is at MoE layer {layer_now} "
+                f"(hidden {D}, {_DTYPES[code]}) while rank {r} is at layer {int(got_R6[r, 1])} "
+                f"(hidden {int(got_R6[r, 3])}); every rank must call the MoE layers in the same order"
+            )
+        recv_counts = got_R6[:, 0].tolist()
+        if x_SD is None:  # draining: nothing of our own to send
+            x_SD = torch.empty((0, D), dtype=_DTYPES[code], device=dev)
+        meta_S2K = torch.cat([ids_SK.double(), weights_SK.double()], dim=1).reshape(-1, 2 * K).to(dev)
+        meta_N2K = all_to_all(meta_S2K, send_counts, recv_counts, self.group)
+        x_ND = all_to_all(x_SD, send_counts, recv_counts, self.group)
+        ids_NK, w_NK = meta_N2K[:, :K].long(), meta_N2K[:, K:].float()
+        y_ND = apply_local_experts(
+            x_ND, ids_NK, w_NK, lambda e, x: self.expert_fn(layer_now, e, x),
+            self.placement.local_experts(layer_now, self.rank),
+        )
+        return all_to_all(y_ND, recv_counts, send_counts, self.group)
+
+    def _count(self, plan, dest_TK: torch.Tensor, x_SD: torch.Tensor) -> None:
+        s = self.stats
+        own = plan.send_counts[self.rank]
+        s.local_rows += own
+        s.remote_rows += sum(plan.send_counts) - own
+        s.activations += dest_TK.numel()
+        s.local_activations += int((dest_TK == self.rank).sum())
+        s.wire_bytes += 2 * (sum(plan.send_counts) - own) * x_SD.shape[1] * x_SD.element_size()
