@@ -15,3 +15,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+import sys
+from pathlib import Path
+
+# Shared test helpers (tests/tiny_models.py) importable from every test folder.
+sys.path.insert(0, str(Path(__file__).parent))

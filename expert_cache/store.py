@@ -1,0 +1,113 @@
+"""Host expert store: every routed expert's weights in (pinned) CPU memory.
+
+Shape key: L MoE layers, E experts per layer, D model dim, F expert hidden dim.
+Per layer the store holds w13_E2FD (gate rows [0:F], up rows [F:2F]) and w2_EDF, the
+layout both the CPU kernels and the device cache slots use, so a copy to the device is
+one contiguous memcpy per tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["HostExpertStore"]
+
+
+class HostExpertStore:
+    """Expert weights of L layers x E experts, filled layer by layer or expert by expert."""
+
+    def __init__(self, *, num_layers: int, num_experts: int, hidden: int, inter: int,
+                 dtype: torch.dtype, pin_memory: bool = False) -> None:
+        if min(num_layers, num_experts, hidden, inter) < 1:
+            raise ValueError("store dimensions must be >= 1, got "
+                             f"layers={num_layers} experts={num_experts} D={hidden} F={inter}")
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.hidden, self.inter, self.dtype = hidden, inter, dtype
+        self.pin_memory = pin_memory
+        self._w13: list[torch.Tensor | None] = [None] * num_layers
+        self._w2: list[torch.Tensor | None] = [None] * num_layers
+        self._filled = torch.zeros(num_layers, num_experts, 3, dtype=torch.bool)  # w1, w3, w2
+
+    # -- sizes -------------------------------------------------------------------------
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (w13 + w2): what one host-to-device copy moves."""
+        return 3 * self.hidden * self.inter * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.expert_bytes * self.num_layers * self.num_experts
+
+    # -- filling -----------------------------------------------------------------------
+    def _alloc(self, layer: int) -> None:
+        if self._w13[layer] is None:
+            E, D, F = self.num_experts, self.hidden, self.inter
+            self._w13[layer] = torch.empty(E, 2 * F, D, dtype=self.dtype, pin_memory=self.pin_memory)
+            self._w2[layer] = torch.empty(E, D, F, dtype=self.dtype, pin_memory=self.pin_memory)
+
+    def set_layer(self, layer: int, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor) -> None:
+        """Take a whole layer. Without pinning a CPU tensor of the right dtype is adopted
+        as is (no copy); otherwise it is copied into pinned memory."""
+        self._check_layer(layer)
+        E, D, F = self.num_experts, self.hidden, self.inter
+        if tuple(w13_E2FD.shape) != (E, 2 * F, D) or tuple(w2_EDF.shape) != (E, D, F):
+            raise ValueError(
+                f"layer {layer}: expected w13 {(E, 2 * F, D)} and w2 {(E, D, F)}, "
+                f"got {tuple(w13_E2FD.shape)} and {tuple(w2_EDF.shape)}")
+        adopt = (not self.pin_memory and w13_E2FD.device.type == "cpu" and w2_EDF.device.type == "cpu")
+        if adopt:
+            self._w13[layer] = w13_E2FD.detach().to(self.dtype).contiguous()
+            self._w2[layer] = w2_EDF.detach().to(self.dtype).contiguous()
+        else:
+            self._alloc(layer)
+            self._w13[layer].copy_(w13_E2FD.detach())
+            self._w2[layer].copy_(w2_EDF.detach())
+        self._filled[layer] = True
+
+    def set_part(self, layer: int, expert: int, part: str, w: torch.Tensor) -> None:
+        """Stream one checkpoint tensor in: part "w1" (gate) / "w3" (up) [F, D], "w2" (down)
+        [D, F], or "w13" [2F, D]."""
+        self._check_layer(layer)
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range 0..{self.num_experts - 1} in layer {layer}")
+        self._alloc(layer)
+        D, F = self.hidden, self.inter
+        targets = {
+            "w1": (self._w13[layer][expert, :F], (F, D), (0,)),
+            "w3": (self._w13[layer][expert, F:], (F, D), (1,)),
+            "w13": (self._w13[layer][expert], (2 * F, D), (0, 1)),
+            "w2": (self._w2[layer][expert], (D, F), (2,)),
+        }
+        if part not in targets:
+            raise ValueError(f"unknown expert tensor part {part!r}")
+        dst, shape, flags = targets[part]
+        if tuple(w.shape) != shape:
+            raise ValueError(f"layer {layer} expert {expert} {part}: expected shape {shape}, "
+                             f"got {tuple(w.shape)} (does the config match the weights?)")
+        dst.copy_(w)
+        for f in flags:
+            self._filled[layer, expert, f] = True
+
+    def missing(self) -> list[tuple[int, int, str]]:
+        """(layer, expert, part) of every tensor not yet filled."""
+        names = ("w1", "w3", "w2")
+        idx = (~self._filled).nonzero().tolist()
+        return [(l, e, names[p]) for l, e, p in idx]
+
+    # -- reading -----------------------------------------------------------------------
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_2FD, w2_DF) views of one expert."""
+        self._check_layer(layer)
+        if self._w13[layer] is None:
+            raise RuntimeError(f"layer {layer} of the expert store was never filled")
+        return self._w13[layer][expert], self._w2[layer][expert]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_E2FD, w2_EDF) of a whole layer."""
+        self._check_layer(layer)
+        if self._w13[layer] is None:
+            raise RuntimeError(f"layer {layer} of the expert store was never filled")
+        return self._w13[layer], self._w2[layer]
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"MoE layer {layer} out of range 0..{self.num_layers - 1}")
