@@ -20,7 +20,7 @@ import triton.language as tl
 from .checks import check_align_inputs, check_index_values
 from .reference import max_padded_rows
 
-__all__ = ["moe_align"]
+__all__ = ["moe_align", "launch_moe_align"]
 
 # Pairs scanned per step; a power of two large enough that decode shapes take one step.
 _CHUNK = 256
@@ -113,6 +113,11 @@ def moe_align(topk_ids_TK, block_size: int, num_slots: int, expert_map_E=None):
         raise ValueError(f"block_size must be a power of two for the Triton kernel, got {block_size}")
     if topk_ids_TK.device.type != "cuda":
         check_index_values(topk_ids_TK, num_slots, expert_map_E)
+    return launch_moe_align(topk_ids_TK, block_size, num_slots, expert_map_E)
+
+
+def launch_moe_align(topk_ids_TK, block_size: int, num_slots: int, expert_map_E=None):
+    """`moe_align` after its arguments were checked: allocates outputs and launches."""
     num_pairs = topk_ids_TK.numel()
     if num_pairs >= 2**31 - num_slots * block_size:
         raise ValueError(f"topk_ids_TK has {num_pairs} pairs; int32 row indices need fewer than 2**31")

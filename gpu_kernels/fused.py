@@ -15,11 +15,13 @@ casts to x's dtype. Its plain-torch twin is `reference.fused_moe_reference`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .align import moe_align
+from .align import launch_moe_align
 from .checks import check_index_values, check_moe_inputs
 from .launch_config import FusedMoELaunchConfig, GemmLaunchConfig, fit_shared_memory, get_launch_config
 
@@ -158,15 +160,19 @@ def invoke_fused_moe(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, exper
     check_moe_inputs(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E)
     if not isinstance(config, FusedMoELaunchConfig):
         raise TypeError(f"config must be a FusedMoELaunchConfig, got {type(config).__name__}")
+    _check_device(x_TD.device)
+    return _fused_moe_checked(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E, config)
+
+
+def _fused_moe_checked(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E, config):
     device = x_TD.device
-    _check_device(device)
     E, D, F = w2_EDF.shape
     T, K = topk_ids_TK.shape
     if device.type != "cuda":
         check_index_values(topk_ids_TK, E, expert_map_E)
     if T == 0 or K == 0:
         return torch.zeros_like(x_TD)
-    sorted_ids_P, expert_ids_B, num_post = moe_align(topk_ids_TK, config.block_m, E, expert_map_E)
+    sorted_ids_P, expert_ids_B, num_post = launch_moe_align(topk_ids_TK, config.block_m, E, expert_map_E)
     num_pid_m = expert_ids_B.shape[0]
     num_pairs = T * K
     wdt = w13_E2FD.dtype
@@ -200,6 +206,14 @@ def invoke_fused_moe(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, exper
     return y_TD.to(x_TD.dtype)
 
 
+@functools.lru_cache(maxsize=4096)
+def _config_for(num_tokens: int, num_slots: int, intermediate: int, hidden: int, device_index: int | None):
+    # Cached: the decode loop asks for the same few keys every layer.
+    name = None if device_index is None else torch.cuda.get_device_name(device_index)
+    return get_launch_config(num_tokens=num_tokens, num_slots=num_slots, intermediate=intermediate,
+                             hidden=hidden, device_name=name)
+
+
 def fused_moe(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E=None):
     """y_TD = sum_k topk_weights_TK[t, k] * expert_{slot(t, k)}(x_TD[t]) with Triton kernels.
 
@@ -224,6 +238,7 @@ def fused_moe(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E
     check_moe_inputs(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E)
     _check_device(x_TD.device)
     E, D, F = w2_EDF.shape
-    name = torch.cuda.get_device_name(x_TD.device) if x_TD.device.type == "cuda" else None
-    config = get_launch_config(num_tokens=x_TD.shape[0], num_slots=E, intermediate=F, hidden=D, device_name=name)
-    return invoke_fused_moe(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E, config=config)
+    dev = x_TD.device
+    index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
+    config = _config_for(x_TD.shape[0], E, F, D, index)
+    return _fused_moe_checked(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E, config)
