@@ -72,8 +72,13 @@ def test_bf16_matches_transformers_bf16(checkpoints, family):
                                 dtype=torch.bfloat16)
     with torch.no_grad():
         out, want = model(ids).logits.float(), ref(ids).logits.float()
+    # Both sides round to bf16 at different points (our CPU kernel keeps fp32 between the
+    # two projections), so compare against the logits' scale: a few bf16 ulps of it at
+    # worst, and well under one ulp on average.
     scale = want.abs().max().item()
-    torch.testing.assert_close(out, want, rtol=1.6e-2, atol=2e-2 * scale)
+    err = (out - want).abs()
+    assert err.max().item() <= 8 * 2**-8 * scale, (err.max().item(), scale)
+    assert err.mean().item() <= 2**-8 * scale, (err.mean().item(), scale)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
