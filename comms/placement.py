@@ -122,32 +122,29 @@ class ExpertPlacement:
         """Experts of `layer` that `rank` holds, ascending."""
         return self.holds_LER[layer, :, rank].nonzero().flatten().tolist()
 
-    def dest_ranks(self, layer: int, topk_ids_TK: torch.Tensor, src_rank: int,
+    def dest_ranks(self, layer: int, topk_ids_TK: torch.Tensor, src_rank: int | torch.Tensor,
                    token_index_T: torch.Tensor | None = None) -> torch.Tensor:
         """Rank that serves each activation, int64 [T, K] (rule in the module docstring).
 
+        src_rank: the rank the tokens live on, an int or int64 [T] (one per token).
         token_index_T: a stable index per token used to spread replicas (default arange(T)).
         """
         ids_TK = topk_ids_TK.long().cpu()
-        T, K = ids_TK.shape
+        T = ids_TK.shape[0]
+        src = torch.as_tensor(src_rank, dtype=torch.int64).cpu()
+        src_T1 = src.expand(T)[:, None] if src.dim() == 0 else src[:, None]
         copies_TKC = self._copies_LEC[layer][ids_TK]
         n_TK = self._n_copies_LE[layer][ids_TK]
         if token_index_T is None:
             token_index_T = torch.arange(T)
-        pick_TK = (token_index_T.long().cpu()[:, None] + src_rank) % n_TK
+        pick_TK = (token_index_T.long().cpu()[:, None] + src_T1) % n_TK
         dest_TK = copies_TKC.gather(2, pick_TK[..., None]).squeeze(2)
-        local_TK = self.holds_LER[layer, :, src_rank][ids_TK]
-        return torch.where(local_TK, src_rank, dest_TK)
+        local_TK = self.holds_LER[layer][ids_TK, src_T1]
+        return torch.where(local_TK, src_T1, dest_TK)
 
-    def rank_load(self, layer: int, topk_ids_TK: torch.Tensor, src_rank_T: torch.Tensor) -> torch.Tensor:
-        """Activations each rank serves at `layer`, int64 [R], for tokens living on src_rank_T."""
-        load_R = torch.zeros(self.world_size, dtype=torch.int64)
-        for r in range(self.world_size):
-            sel = src_rank_T == r
-            if sel.any():
-                dest = self.dest_ranks(layer, topk_ids_TK[sel], r, sel.nonzero().flatten())
-                load_R += torch.bincount(dest.flatten(), minlength=self.world_size)
-        return load_R
+    def primary_rank(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Lowest rank holding each expert id (any shape -> same shape)."""
+        return self._copies_LEC[layer][ids.long().cpu(), 0]
 
     # --- files --------------------------------------------------------------------------
     def to_json(self) -> dict:

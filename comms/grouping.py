@@ -1,0 +1,170 @@
+"""Offline expert grouping: place experts that tokens use together on one rank.
+
+Shape key: T profiled tokens, L layers, K experts per token, E experts, R ranks.
+
+From a profiling trace we count, per layer, how often two experts serve one token
+(intra-layer co-activation C_l[e, e']) and how often expert e at layer l is followed by
+e' at layer l+1 for one token (inter-layer affinity A_l[e, e'], ExFlow's signal). We then
+choose, layer by layer, which rank holds which expert to maximise
+
+    intra_weight * sum_l sum_{e<e' same rank} C_l[e, e']
+  + inter_weight * sum_l sum_{e at l, e' at l+1 on the same rank} A_l[e, e']
+
+(the co-clustering objective of Sem-MoE, in the pairwise form), with every rank holding
+the same number of experts per layer (its memory) and at most `load_cap` times the mean
+activation load per layer (where no layout meets the cap, the search first minimises the
+heaviest rank; replicas, `ExpertPlacement.with_replicas`, are then the remedy). Intra-layer co-location shrinks the set of ranks a token is
+sent to; inter-layer co-location lets a token shuffled to one of its layer-l ranks find
+a layer-(l+1) expert there.
+
+Search: from the contiguous layout and a few random layouts, repeated best-improving
+swaps of two experts on two ranks of one layer (swaps keep the per-rank expert count);
+each swap's gain for all pairs at once comes from the expert-to-rank affinity matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.comms.placement import ExpertPlacement
+
+__all__ = ["GroupingConfig", "AffinityStats", "affinity_stats", "fit_grouped_placement", "grouping_score"]
+
+
+@dataclass(kw_only=True)
+class GroupingConfig:
+    """load_cap: max per-rank activation load per layer over its mean (on the profile).
+    intra_weight, inter_weight: weights of co-activation and inter-layer affinity.
+    restarts: random starting layouts besides the contiguous one. seed: their seed.
+    max_sweeps: passes over all layers of the swap search.
+    """
+
+    load_cap: float = 1.2
+    intra_weight: float = 1.0
+    inter_weight: float = 1.0
+    restarts: int = 4
+    seed: int = 0
+    max_sweeps: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.load_cap >= 1.0:
+            raise ValueError(f"load_cap must be >= 1.0 (max over mean load), got {self.load_cap}")
+        if self.intra_weight < 0 or self.inter_weight < 0:
+            raise ValueError("intra_weight and inter_weight must be >= 0")
+        if self.restarts < 0 or self.max_sweeps < 1:
+            raise ValueError("restarts must be >= 0 and max_sweeps >= 1")
+
+
+@dataclass(frozen=True)
+class AffinityStats:
+    """load_LE: activations per expert; co_LEE: co-activation counts (zero diagonal);
+    next_LEE: A_l[e, e'] for l < L-1 (last layer all zero)."""
+
+    load_LE: torch.Tensor
+    co_LEE: torch.Tensor
+    next_LEE: torch.Tensor
+
+
+def affinity_stats(expert_ids_TLK: torch.Tensor, num_experts: int) -> AffinityStats:
+    """Count loads, co-activations and inter-layer affinities of a routing trace."""
+    if expert_ids_TLK.dim() != 3:
+        raise ValueError(f"expert_ids must be [tokens, layers, k], got shape {tuple(expert_ids_TLK.shape)}")
+    T, L, _ = expert_ids_TLK.shape
+    hot_TLE = torch.zeros(T, L, num_experts, dtype=torch.float64)
+    hot_TLE.scatter_(2, expert_ids_TLK.long(), 1.0)
+    load_LE = hot_TLE.sum(0)
+    co_LEE = torch.einsum("tle,tlf->lef", hot_TLE, hot_TLE)
+    co_LEE -= torch.diag_embed(torch.diagonal(co_LEE, dim1=1, dim2=2))
+    next_LEE = torch.zeros(L, num_experts, num_experts, dtype=torch.float64)
+    if L > 1:
+        next_LEE[:-1] = torch.einsum("tle,tlf->lef", hot_TLE[:, :-1], hot_TLE[:, 1:])
+    return AffinityStats(load_LE=load_LE, co_LEE=co_LEE, next_LEE=next_LEE)
+
+
+def grouping_score(rank_LE: torch.Tensor, stats: AffinityStats, config: GroupingConfig) -> float:
+    """The objective above for a one-copy layout rank_LE [L, E]."""
+    R = int(rank_LE.max()) + 1
+    onehot_LER = torch.nn.functional.one_hot(rank_LE, R).double()
+    same_LEE = onehot_LER @ onehot_LER.transpose(1, 2)
+    intra = (stats.co_LEE * same_LEE).sum() / 2
+    cross_LEE = onehot_LER[:-1] @ onehot_LER[1:].transpose(1, 2)
+    inter = (stats.next_LEE[:-1] * cross_LEE).sum()
+    return float(config.intra_weight * intra + config.inter_weight * inter)
+
+
+def _rank_affinity(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: GroupingConfig,
+                   R: int) -> torch.Tensor:
+    """S[e, r]: objective gained by expert e of layer l sitting on rank r, given the rest."""
+    L = rank_LE.shape[0]
+    S_ER = config.intra_weight * stats.co_LEE[l] @ torch.nn.functional.one_hot(rank_LE[l], R).double()
+    if l > 0:
+        S_ER += config.inter_weight * stats.next_LEE[l - 1].T @ torch.nn.functional.one_hot(rank_LE[l - 1], R).double()
+    if l < L - 1:
+        S_ER += config.inter_weight * stats.next_LEE[l] @ torch.nn.functional.one_hot(rank_LE[l + 1], R).double()
+    return S_ER
+
+
+def _improve_layer(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: GroupingConfig,
+                   R: int, cap: float) -> bool:
+    """Apply best-improving feasible swaps in layer l until none is left; True if any."""
+    changed = False
+    load_E = stats.load_LE[l]
+    E = load_E.shape[0]
+    for _ in range(E * E):
+        p_E = rank_LE[l]
+        S_ER = _rank_affinity(l, rank_LE, stats, config, R)
+        own_E = S_ER.gather(1, p_E[:, None]).squeeze(1)
+        # gain of swapping a (on p_a) with b (on p_b): both move, their mutual term stays
+        cross_EE = S_ER[:, p_E]  # S[a, p_b]
+        gain_EE = cross_EE + cross_EE.T - own_E[:, None] - own_E[None, :] \
+            - 2 * config.intra_weight * stats.co_LEE[l]
+        rank_load_R = torch.zeros(R, dtype=torch.float64).index_add_(0, p_E, load_E)
+        new_a_EE = rank_load_R[p_E][:, None] - load_E[:, None] + load_E[None, :]  # load of a's rank
+        new_b_EE = new_a_EE.T  # load of b's rank after the swap, by symmetry of the formula
+        worst_EE = torch.maximum(new_a_EE, new_b_EE)
+        old_EE = torch.maximum(rank_load_R[p_E][:, None], rank_load_R[p_E][None, :])
+        over = bool((rank_load_R > cap + 1e-9).any())
+        if over:  # repair first: take the swap that lowers the heaviest rank most
+            ok_EE = (p_E[:, None] != p_E[None, :]) & (worst_EE < old_EE - 1e-9) \
+                & (torch.maximum(rank_load_R[p_E][:, None], rank_load_R[p_E][None, :]) >= rank_load_R.max() - 1e-9)
+            score_EE = torch.where(ok_EE, old_EE - worst_EE, -1.0)
+        else:
+            ok_EE = (p_E[:, None] != p_E[None, :]) & (worst_EE <= cap + 1e-9)
+            score_EE = torch.where(ok_EE, gain_EE, -1.0)
+        best = int(score_EE.argmax())
+        a, b = divmod(best, E)
+        if score_EE[a, b] <= 1e-9:
+            break
+        rank_LE[l, a], rank_LE[l, b] = int(p_E[b]), int(p_E[a])
+        changed = True
+    return changed
+
+
+def fit_grouped_placement(expert_ids_TLK: torch.Tensor, num_experts: int, world_size: int,
+                          config: GroupingConfig | None = None) -> ExpertPlacement:
+    """A one-copy placement for `world_size` ranks fitted on a profiling trace (see module doc)."""
+    config = config or GroupingConfig()
+    E, R = num_experts, world_size
+    if R > E:
+        raise ValueError(f"{R} ranks cannot each hold one of only {E} experts")
+    stats = affinity_stats(expert_ids_TLK, E)
+    L = stats.load_LE.shape[0]
+    cap_L = config.load_cap * stats.load_LE.sum(1) / R
+    base_LE = ExpertPlacement.contiguous(L, E, R).holds_LER.long().argmax(2)
+    g = torch.Generator().manual_seed(config.seed)
+    starts = [base_LE] + [torch.stack([base_LE[l][torch.randperm(E, generator=g)] for l in range(L)])
+                          for _ in range(config.restarts)]
+    best, best_score = None, (0.0, 0.0)
+    for rank_LE in starts:
+        rank_LE = rank_LE.clone()
+        for _ in range(config.max_sweeps):
+            if not any([_improve_layer(l, rank_LE, stats, config, R, float(cap_L[l])) for l in range(L)]):
+                break
+        # Feasibility first (where no layout meets the cap, the least overloaded), then score.
+        load_LR = torch.zeros(L, R, dtype=torch.float64).scatter_add_(1, rank_LE, stats.load_LE)
+        excess = float((load_LR.max(1).values - cap_L).clamp(min=0).sum())
+        score = (-round(excess, 6), grouping_score(rank_LE, stats, config))
+        if best is None or score > best_score:
+            best, best_score = rank_LE, score
+    return ExpertPlacement.from_ranks(best, R)

@@ -1,0 +1,116 @@
+"""Online token shuffling: send each token, at layer l's combine, to the rank most likely
+to hold one of its layer-(l+1) experts.
+
+Shape key: T tokens, L layers, K experts per token, E experts, R ranks.
+
+At layer l's combine the partial expert outputs of a token come back from the ranks
+that served it (D_l) and are summed with its residual from the rank it lived on (loc).
+Summing them on any rank of D_l | {loc} instead of on loc costs no extra row, so the
+shuffle only chooses among those candidates: it never adds bytes, and a wrong guess
+costs only the ordinary remote dispatch at layer l+1. Outputs never change.
+
+The choice: the candidate r with the highest estimated P(r serves the token at l+1),
+learned from a profiling trace under the same placement:
+- `history` routing features: the token's expert set at layer l (pairs, via backoff) and
+  single experts at layers l, l-1, ... (naive-Bayes style average of conditionals);
+- `TokenTable` (optional): P(rank at layer l+1 | token id), where token ids are known.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.comms.placement import ExpertPlacement
+
+__all__ = ["ShuffleConfig", "TransitionShuffler"]
+
+
+@dataclass(kw_only=True)
+class ShuffleConfig:
+    """history: earlier layers whose experts inform the guess (1 = layer l only).
+    prior: pseudo-counts of the backoff estimate added to each conditional.
+    """
+
+    history: int = 2
+    prior: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.history < 1:
+            raise ValueError(f"history must be >= 1 layer, got {self.history}")
+        if self.prior <= 0:
+            raise ValueError(f"prior must be > 0 pseudo-counts, got {self.prior}")
+
+
+def _served_ranks(placement: ExpertPlacement, layer: int, ids_TK: torch.Tensor) -> torch.Tensor:
+    """bool [T, R]: ranks holding at least one of each token's experts."""
+    return placement.holds_LER[layer][ids_TK.long()].any(dim=1)
+
+
+class TransitionShuffler:
+    """Predicts a token's serving ranks at layer l+1 from its routing at layers <= l.
+
+    Fitted counts (profile trace, the same placement as at run time):
+      single_LHER[l, h, e, r]: tokens with expert e at layer l-h that used rank r at l+1.
+      pair_LPR[l, pair, r]:    same for the unordered expert set at layer l (K = 2 only).
+    """
+
+    def __init__(self, placement: ExpertPlacement, expert_ids_TLK: torch.Tensor,
+                 config: ShuffleConfig | None = None) -> None:
+        self.config = config or ShuffleConfig()
+        self.placement = placement
+        T, L, K = expert_ids_TLK.shape
+        E, R, H = placement.num_experts, placement.world_size, self.config.history
+        if L != placement.num_layers:
+            raise ValueError(f"profile trace has {L} layers, the placement {placement.num_layers}")
+        ids_TLK = expert_ids_TLK.long()
+        hot_TLE = torch.zeros(T, L, E, dtype=torch.float64).scatter_(2, ids_TLK, 1.0)
+        served_TLR = torch.stack([_served_ranks(placement, l, ids_TLK[:, l]) for l in range(L)], 1).double()
+        self.single_LHER = torch.zeros(L, H, E, R, dtype=torch.float64)
+        self.single_n_LHE = torch.zeros(L, H, E, dtype=torch.float64)
+        for l in range(L - 1):
+            for h in range(min(H, l + 1)):
+                self.single_LHER[l, h] = hot_TLE[:, l - h].T @ served_TLR[:, l + 1]
+                self.single_n_LHE[l, h] = hot_TLE[:, l - h].sum(0)
+        self.pair_code_TL = self._pair_code(ids_TLK) if K == 2 else None
+        P = E * E
+        self.pair_LPR = torch.zeros(L, P, R, dtype=torch.float64)
+        self.pair_n_LP = torch.zeros(L, P, dtype=torch.float64)
+        if self.pair_code_TL is not None:
+            for l in range(L - 1):
+                self.pair_LPR[l].index_add_(0, self.pair_code_TL[:, l], served_TLR[:, l + 1])
+                self.pair_n_LP[l] += torch.bincount(self.pair_code_TL[:, l], minlength=P).double()
+        self.base_LR = served_TLR.mean(0)  # marginal, for layers or experts never seen
+
+    def _pair_code(self, ids_TLK: torch.Tensor) -> torch.Tensor:
+        lo, hi = ids_TLK.min(2).values, ids_TLK.max(2).values
+        return lo * self.placement.num_experts + hi
+
+    def scores(self, layer: int, history_THK: torch.Tensor) -> torch.Tensor:
+        """float64 [T, R]: estimated P(rank r serves the token at layer+1).
+
+        history_THK: the token's experts at layers layer, layer-1, ... (H' <= history rows).
+        """
+        a = self.config.prior
+        base_R = self.base_LR[min(layer + 1, self.base_LR.shape[0] - 1)]
+        T, H = history_THK.shape[0], min(history_THK.shape[1], self.config.history, layer + 1)
+        est, n_terms = torch.zeros(T, base_R.shape[0], dtype=torch.float64), 0
+        for h in range(H):
+            ids_TK = history_THK[:, h].long()
+            cnt_TKR = self.single_LHER[layer, h][ids_TK]
+            n_TK1 = self.single_n_LHE[layer, h][ids_TK][..., None]
+            est += ((cnt_TKR + a * base_R) / (n_TK1 + a)).mean(1)
+            n_terms += 1
+        single_TR = est / max(n_terms, 1)
+        if self.pair_code_TL is None or history_THK.shape[2] != 2:
+            return single_TR
+        code_T = self._pair_code(history_THK[:, :1])[:, 0]
+        n_T1 = self.pair_n_LP[layer][code_T][:, None]
+        return (self.pair_LPR[layer][code_T] + a * single_TR) / (n_T1 + a)
+
+    def choose(self, layer: int, history_THK: torch.Tensor, candidates_TR: torch.Tensor,
+               loc_T: torch.Tensor) -> torch.Tensor:
+        """int64 [T]: the candidate rank with the best score (ties: stay on loc_T)."""
+        s_TR = self.scores(layer, history_THK)
+        s_TR[torch.arange(len(loc_T)), loc_T] += 1e-9  # stay put on ties
+        return torch.where(candidates_TR, s_TR, float("-inf")).argmax(1)
