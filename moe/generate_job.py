@@ -23,6 +23,7 @@ from moe.config import RuntimeConfig
 from moe.demo import DEMO_DESCRIPTION, build_demo_model
 from moe.generate import GenerateConfig, GenerationEngine, GenerationResult, RunSummary
 from moe.jsonl import JsonlWriter, read_prompts, resume_output
+from moe.loader import resolve_checkpoint
 
 __all__ = ["GenerateJob", "run_job", "load_model", "load_tokenizer", "format_summary"]
 
@@ -31,34 +32,32 @@ _COUNTERS = ("cache_hits", "cache_misses", "h2d_bytes", "cpu_expert_calls", "gpu
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def load_tokenizer(model_id: str):
-    """`AutoTokenizer` for a local folder or Hub id (remote code off; HF_HUB_OFFLINE honoured)."""
+def load_tokenizer(folder: str | os.PathLike):
+    """`AutoTokenizer` from a local checkpoint folder (remote code stays off)."""
     from transformers import AutoTokenizer
 
-    if os.path.isdir(model_id):
-        if not any(os.path.exists(os.path.join(model_id, f)) for f in _TOKENIZER_FILES):
-            raise FileNotFoundError(
-                f"no tokenizer files in model folder {model_id}: expected one of {', '.join(_TOKENIZER_FILES)}"
-            )
-    elif model_id.startswith(("/", "./", "../", "~")) or os.path.exists(model_id):
-        raise FileNotFoundError(f"model folder {model_id} not found")
+    folder = os.fspath(folder)
+    if not any(os.path.exists(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files in model folder {folder}: expected one of {', '.join(_TOKENIZER_FILES)}"
+        )
     try:
-        return AutoTokenizer.from_pretrained(model_id)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = " (HF_HUB_OFFLINE is set: only models already in the local cache can be found)" if (
-            os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")) else ""
-        raise FileNotFoundError(f"cannot load a tokenizer for {model_id!r}{offline}: {reason}") from None
+        raise ValueError(f"cannot load the tokenizer in {folder}: {reason}") from None
 
 
 def load_model(model_id: str | None, *, gpu_memory=None, dtype=None, device=None, runtime=None):
-    """(wrapped model, tokenizer): the demo MoE when `model_id` is None, else
+    """(wrapped model, tokenizer): the demo MoE when `model_id` is None, else the
+    checkpoint (local folder or Hub id, HF_HUB_OFFLINE honoured) through
     `moe.from_pretrained`; the tokenizer loads first, so a missing one fails fast."""
     if model_id is None:
         return build_demo_model(gpu_memory=gpu_memory, device=device, config=runtime, dtype=dtype or torch.float32)
-    tokenizer = load_tokenizer(model_id)
+    folder = resolve_checkpoint(model_id)
+    tokenizer = load_tokenizer(folder)
     kwargs = {} if gpu_memory is None else {"gpu_memory": gpu_memory}
-    model = moe.from_pretrained(model_id, dtype=dtype, device=device, config=runtime, **kwargs)
+    model = moe.from_pretrained(str(folder), dtype=dtype, device=device, config=runtime, **kwargs)
     return model, tokenizer
 
 
@@ -150,7 +149,7 @@ def format_summary(summary: RunSummary, stats: dict) -> str:
     hits, misses = stats.get("cache_hits", 0), stats.get("cache_misses", 0)
     hit_rate = f"{100.0 * hits / (hits + misses):.1f}%" if hits + misses else "n/a"
     return "\n".join([
-        f"done: {summary.prompts} prompts in {summary.batches} batches, {summary.prompt_tokens} prompt tokens, "
+        f"done: {summary.prompts} prompts in {summary.batches} batch{'es' if summary.batches != 1 else ''}, {summary.prompt_tokens} prompt tokens, "
         f"{summary.completion_tokens} generated tokens in {summary.generate_s:.2f} s",
         f"  throughput: prefill {_rate(summary.prompt_tokens, summary.prefill_s)}, "
         f"decode {_rate(summary.decode_tokens, summary.decode_s)}, "

@@ -125,7 +125,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
         (["--input", src, "--batch-size", "0"], "batch size"),
         (["--input", src, "--temperature", "-1"], "temperature"),
         (["--input", src, "--config-cache-policy", "fifo"], "cache_policy"),
-        (["--input", src, "--model", str(tmp_path / "nope")], "not found"),
+        (["--input", src, "--model", str(tmp_path / "nope")], "nope does not exist"),
         (["--input", src, "--model", str(tmp_path)], "no tokenizer files"),
     ]
     for argv, message in cases:
@@ -202,3 +202,39 @@ def test_subprocess_module_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "built-in demo MoE" in proc.stderr and "expert cache: hit rate" in proc.stderr
     assert sorted(str(r["id"]) for r in _read(out)) == ["7", "a", "c"]
+
+
+def _save_checkpoint_with_tokenizer(folder):
+    """The demo weights as a safetensors checkpoint plus a byte-level HF tokenizer without a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from moe.demo import build_demo_hf_model
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    build_demo_hf_model(0).save_pretrained(folder)
+    return tokenizer
+
+
+def test_generate_from_saved_checkpoint(tmp_path, capsys):
+    """--model loads a local safetensors checkpoint and its HF tokenizer (no pad token) through moe.from_pretrained."""
+    ckpt = tmp_path / "ckpt"
+    tokenizer = _save_checkpoint_with_tokenizer(ckpt)
+    src, out = _write_prompts(tmp_path / "in.jsonl", PROMPTS[:3]), str(tmp_path / "out.jsonl")
+    argv = ["generate", "--model", str(ckpt), "--input", src, "--output", out, *FLAGS,
+            "--gpu-memory", "1.5MB", "--dtype", "float32", "--config-cache-policy", "lfu"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"loading {ckpt}" in err and "demo" not in err and "expert cache: hit rate" in err
+    records = {r["id"]: r for r in _read(out)}
+    assert sorted(map(str, records)) == ["7", "a", "c"]
+    for p in PROMPTS[:3]:
+        assert records[p["id"]]["prompt_tokens"] == len(tokenizer.encode(p["prompt"]))
+        assert 1 <= records[p["id"]]["completion_tokens"] <= 5
