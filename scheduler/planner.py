@@ -20,6 +20,7 @@ and the makespan predicted by the same simulator, so their plans compare directl
 """
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 from collections.abc import Collection, Hashable, Sequence
@@ -30,7 +31,7 @@ from moe.scheduler.cost_model import CostModel
 from moe.scheduler.makespan import LayerCosts, Timeline
 from moe.scheduler.work import LayerPlan, Placement, WorkItem
 
-__all__ = ["plan_layer", "RULES", "plan_from_device_set"]
+__all__ = ["plan_layer", "LayerPlanner", "RULES", "plan_from_device_set"]
 
 RULES = ("dynamic", "simple", "gpu-only", "cpu-only", "static", "fiddler")
 
@@ -231,3 +232,56 @@ def _dynamic(costs: LayerCosts, limit: int) -> list[bool]:
     if costs.n <= _TRIPLE_LIMIT:
         best_set, _ = _local_search(costs, best_set, limit, max_k=3)
     return best_set
+
+
+class LayerPlanner:
+    """`plan_layer` with one cost model and rule, remembering the plans of layers it has seen.
+
+    Decode repeats the same layer shapes over and over (same token counts, same cached
+    flags; only the expert ids differ), so plans are memoised by the items' cost-relevant
+    fields, not their keys. The cost model must not change while the planner lives
+    (make a new planner after re-calibrating).
+    """
+
+    def __init__(self, cost: CostModel, *, rule: str = "dynamic", copy_threshold_tokens: int = 8,
+                 cache_size: int = 4096) -> None:
+        if rule not in RULES:
+            raise ValueError(f"unknown scheduler rule {rule!r}; choose one of {', '.join(RULES)}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.cost = cost
+        self.rule = rule
+        self.copy_threshold_tokens = copy_threshold_tokens
+        self.cache_size = cache_size
+        self._memo: collections.OrderedDict = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def plan(self, items: Sequence[WorkItem], *, max_copies: int | None = None,
+             hot: Collection[Hashable] = frozenset(), link_free_s: float = 0.0) -> LayerPlan:
+        """plan_layer(items, self.cost, rule=self.rule, ...), up to swapping interchangeable items."""
+        hot = set(hot)
+        sigs = [
+            (it.tokens, it.weight_bytes, it.flops_per_token, it.cached, it.copy_ready_s if it.in_flight else -1.0,
+             it.kind, it.bytes_read, self.rule == "static" and it.key in hot)
+            for it in items
+        ]
+        order = sorted(range(len(items)), key=lambda i: sigs[i])
+        memo_key = (tuple(sigs[i] for i in order), max_copies, float(link_free_s))
+        sorted_on_dev = self._memo.get(memo_key)
+        if sorted_on_dev is not None:
+            self.hits += 1
+            self._memo.move_to_end(memo_key)
+            costs = LayerCosts(items, self.cost, link_free_s=link_free_s)
+            on_dev = [False] * len(items)
+            for j, i in enumerate(order):
+                on_dev[i] = sorted_on_dev[j]
+            return plan_from_device_set(costs, on_dev)
+        self.misses += 1
+        plan = plan_layer(items, self.cost, rule=self.rule, max_copies=max_copies, hot=hot,
+                          copy_threshold_tokens=self.copy_threshold_tokens, link_free_s=link_free_s)
+        if self.cache_size:
+            self._memo[memo_key] = tuple(plan.placement[items[i].key] is not Placement.CPU for i in order)
+            if len(self._memo) > self.cache_size:
+                self._memo.popitem(last=False)
+        return plan

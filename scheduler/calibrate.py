@@ -1,0 +1,256 @@
+"""Calibration: measure this machine and fit the roofline cost model to it.
+
+What is measured (medians unless said otherwise; each number lands in the profile's
+"measurements" so a reader can check the fit):
+
+- CPU memory-read bandwidth (`moe.cpu_kernels.membw` when present, else a torch sum over
+  a buffer far larger than the caches) -> cpu_read_gbps;
+- a dense matmul in the weight dtype -> cpu_gflops (what "linear" items get);
+- a SwiGLU expert FFN (`moe.cpu_kernels.expert_ffn` when present, else plain torch) at
+  several token counts, cycling over a pool of experts larger than the last-level cache
+  so every call reads its weights from DRAM -> per_kind["expert"] CPU rates;
+- a tiny expert call -> cpu_call_s (the fixed cost of one call);
+- with device="cuda": the same on the device (read bandwidth, matmul, expert FFN, call
+  latency) and pinned host->device copies -> h2d_gbps, copy_call_s;
+- with device="cpu": the "device" is the CPU itself and a "copy" is a host memcpy.
+
+Rates are "best achieved": bandwidth from the call that reached the most bytes per
+second (one token), FLOP rate from the call that reached the most FLOP/s (most tokens);
+the roofline through them matches the end points and is optimistic near the ridge.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moe.scheduler.cost_model import AnalyticCostModel
+
+__all__ = ["CalibrationConfig", "calibrate", "fit_roofline"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(kw_only=True)
+class CalibrationConfig:
+    """What `calibrate` measures.
+
+    device: "cpu" or "cuda" (the fast tier to calibrate besides the CPU).
+    dtype: weight dtype of the expert and matmul measurements ("bfloat16" or "float32").
+    quick: small buffers and few repeats (seconds; for tests and smoke runs).
+    threads: torch CPU threads during the measurements (None: leave torch's setting).
+    """
+
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    quick: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"calibration device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"calibration dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("calibration device 'cuda' requested but torch sees no CUDA device")
+
+    # Sizes: an expert of DeepSeek-V2-Lite's shape (full) or a small one (quick).
+    @property
+    def expert_dims(self) -> tuple[int, int]:
+        return (512, 704) if self.quick else (2048, 1408)
+
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        return (1, 16) if self.quick else (1, 4, 16, 64, 256)
+
+    @property
+    def pool_bytes(self) -> int:
+        return (16 << 20) if self.quick else (288 << 20)
+
+    @property
+    def stream_bytes(self) -> int:
+        return (64 << 20) if self.quick else (1 << 30)
+
+    @property
+    def repeats(self) -> int:
+        return 3 if self.quick else 7
+
+
+def fit_roofline(nbytes: int, flops_per_token: int, samples: list[tuple[int, float]], call_s: float) -> tuple[float, float]:
+    """(read GB/s, GFLOP/s) of the roofline through measured (tokens, seconds) samples."""
+    if not samples:
+        raise ValueError("fit_roofline needs at least one (tokens, seconds) sample")
+    bw = flops = 0.0
+    for tokens, seconds in samples:
+        busy = max(seconds - call_s, 1e-9)
+        bw = max(bw, nbytes / busy / 1e9)
+        flops = max(flops, tokens * flops_per_token / busy / 1e9)
+    return bw, flops
+
+
+def _median_time(
+    fn: Callable[[int], None], repeats: int, sync: Callable[[], None] = lambda: None, budget_s: float = 0.1
+) -> float:
+    """Median seconds of fn(r) for r = 0, 1, ... after two untimed warm-up calls.
+
+    Runs at least `repeats` calls and keeps going until `budget_s` has passed (at most
+    1000 calls): cheap calls get many samples, so the median shrugs off the odd stall of
+    a busy machine.
+    """
+    for r in range(2):
+        fn(r)
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < budget_s and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn(len(times))
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _expert_fn(device: str) -> tuple[Callable, str]:
+    """The expert FFN to time: the project's CPU kernel when present, else plain torch."""
+    if device == "cpu":
+        try:
+            from moe.cpu_kernels.expert_ffn import expert_ffn
+        except ImportError:
+            pass
+        else:
+            return expert_ffn, "moe.cpu_kernels.expert_ffn"
+
+    def torch_expert(x_TD, w13_2FD, w2_DF):
+        f = w2_DF.shape[1]
+        gu_T2F = x_TD @ w13_2FD.T
+        return (torch.nn.functional.silu(gu_T2F[:, :f]) * gu_T2F[:, f:]) @ w2_DF.T
+
+    return torch_expert, "torch"
+
+
+def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> dict:
+    """Expert FFN timings on `device`: per-token-count medians, call latency, fitted rates."""
+    dtype = _DTYPES[cfg.dtype]
+    d, f = cfg.expert_dims
+    fn, impl = _expert_fn(device)
+    nbytes = 3 * d * f * torch.finfo(dtype).bits // 8
+    pool = max(2, math.ceil(cfg.pool_bytes / nbytes))
+    gen = torch.Generator().manual_seed(0)
+    w13 = [(torch.randn(2 * f, d, generator=gen) * 0.02).to(device=device, dtype=dtype) for _ in range(pool)]
+    w2 = [(torch.randn(d, f, generator=gen) * 0.02).to(device=device, dtype=dtype) for _ in range(pool)]
+    samples = []
+    for tokens in cfg.token_counts:
+        x_TD = torch.randn(tokens, d, generator=gen).to(device=device, dtype=dtype)
+        # Each timed call uses the next expert of the pool, so its weights come from memory.
+        secs = _median_time(lambda r: fn(x_TD, w13[(r + 1) % pool], w2[(r + 1) % pool]), cfg.repeats, sync)
+        samples.append((tokens, secs))
+    tiny_x = torch.randn(1, 16, generator=gen).to(device=device, dtype=dtype)
+    tiny_w13 = torch.randn(32, 16, generator=gen).to(device=device, dtype=dtype)
+    tiny_w2 = torch.randn(16, 16, generator=gen).to(device=device, dtype=dtype)
+    call_s = _median_time(lambda r: fn(tiny_x, tiny_w13, tiny_w2), cfg.repeats, sync)
+    call_s = min(call_s, 0.5 * samples[0][1])  # a tiny call cannot cost more than half a real one
+    bw, gflops = fit_roofline(nbytes, 6 * d * f, samples, call_s)
+    model = AnalyticCostModel(cpu_read_gbps=bw, cpu_gflops=gflops, cpu_call_s=call_s)
+    probe = lambda t: model.cpu_time(_probe_item(t, nbytes, 6 * d * f))  # noqa: E731
+    return {
+        "impl": impl, "D": d, "F": f, "weight_bytes": nbytes, "pool": pool, "call_s": call_s,
+        "read_gbps": bw, "gflops": gflops,
+        "tokens_seconds": [[t, s] for t, s in samples],
+        "fit_rel_error": {str(t): probe(t) / s - 1.0 for t, s in samples},
+    }
+
+
+def _probe_item(tokens: int, nbytes: int, fpt: int):
+    from moe.scheduler.work import WorkItem
+
+    return WorkItem(key="probe", tokens=tokens, weight_bytes=nbytes, flops_per_token=fpt)
+
+
+def _measure_stream(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> float:
+    """Read bandwidth (GB/s) of a reduction over a buffer far larger than the caches."""
+    if device == "cpu":
+        try:
+            from moe.cpu_kernels.membw import read_bandwidth_gbps
+        except ImportError:
+            pass
+        else:
+            return read_bandwidth_gbps(cfg.stream_bytes, repeats=cfg.repeats)
+    a_N = torch.ones(cfg.stream_bytes // 4, dtype=torch.float32, device=device)
+    secs = _median_time(lambda r: a_N.sum(), cfg.repeats, sync)
+    return a_N.numel() * 4 / secs / 1e9
+
+
+def _measure_matmul(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> float:
+    """Dense matmul rate (GFLOP/s) in the weight dtype."""
+    n = (256 if cfg.quick else 1024) if device == "cpu" else (2048 if cfg.quick else 8192)
+    dtype = _DTYPES[cfg.dtype]
+    a = torch.randn(n, n).to(device=device, dtype=dtype)
+    b = torch.randn(n, n).to(device=device, dtype=dtype)
+    secs = _median_time(lambda r: a @ b, cfg.repeats, sync)
+    return 2 * n**3 / secs / 1e9
+
+
+def _measure_copy(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> tuple[float, float]:
+    """(GB/s, per-copy seconds) of host->device copies; from pinned memory on CUDA, memcpy on CPU."""
+    nbytes = (32 << 20) if cfg.quick else (512 << 20)
+    pin = device == "cuda"
+    src = torch.ones(nbytes // 4, dtype=torch.float32, pin_memory=pin)
+    dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    secs = _median_time(lambda r: dst.copy_(src, non_blocking=pin), cfg.repeats, sync)
+    small_src = torch.ones(1024, dtype=torch.float32, pin_memory=pin)
+    small_dst = torch.empty(1024, dtype=torch.float32, device=device)
+    call_s = _median_time(lambda r: small_dst.copy_(small_src, non_blocking=pin), cfg.repeats, sync)
+    return nbytes / max(secs - call_s, 1e-9) / 1e9, call_s
+
+
+def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
+    """Measure this machine; returns (cost model, measurements) ready for `save_profile`."""
+    prev_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        t0 = time.perf_counter()
+        no_sync = lambda: None  # noqa: E731
+        cpu_expert = _measure_experts(cfg, "cpu", no_sync)
+        cpu_bw = _measure_stream(cfg, "cpu", no_sync)
+        cpu_gflops = _measure_matmul(cfg, "cpu", no_sync)
+        measurements = {
+            "cpu_threads": torch.get_num_threads(), "dtype": cfg.dtype, "quick": cfg.quick,
+            "cpu_stream_read_gbps": cpu_bw, "cpu_matmul_gflops": cpu_gflops, "cpu_expert": cpu_expert,
+        }
+        cpu_rates = dict(cpu_read_gbps=cpu_bw, cpu_gflops=cpu_gflops, cpu_call_s=cpu_expert["call_s"])
+        expert_rates = dict(
+            cpu_read_gbps=cpu_expert["read_gbps"], cpu_gflops=cpu_expert["gflops"], cpu_call_s=cpu_expert["call_s"]
+        )
+        if cfg.device == "cuda":
+            sync = torch.cuda.synchronize
+            dev_expert = _measure_experts(cfg, "cuda", sync)
+            dev_bw = _measure_stream(cfg, "cuda", sync)
+            dev_gflops = _measure_matmul(cfg, "cuda", sync)
+            h2d_gbps, copy_call_s = _measure_copy(cfg, "cuda", sync)
+            measurements.update(device_stream_read_gbps=dev_bw, device_matmul_gflops=dev_gflops, device_expert=dev_expert)
+            dev_rates = dict(device_read_gbps=dev_bw, device_gflops=dev_gflops, device_call_s=dev_expert["call_s"])
+            expert_rates.update(
+                device_read_gbps=dev_expert["read_gbps"], device_gflops=dev_expert["gflops"],
+                device_call_s=dev_expert["call_s"],
+            )
+        else:
+            h2d_gbps, copy_call_s = _measure_copy(cfg, "cpu", no_sync)
+            dev_rates = {k.replace("cpu_", "device_"): v for k, v in cpu_rates.items()}
+            expert_rates.update({k.replace("cpu_", "device_"): v for k, v in list(expert_rates.items())})
+        measurements.update(h2d_gbps=h2d_gbps, copy_call_s=copy_call_s, seconds=time.perf_counter() - t0)
+        import socket
+
+        model = AnalyticCostModel(
+            **cpu_rates, **dev_rates, h2d_gbps=h2d_gbps, copy_call_s=copy_call_s,
+            per_kind={"expert": expert_rates}, dtype=cfg.dtype, source=f"calibrated:{socket.gethostname()}",
+        )
+        return model, measurements
+    finally:
+        torch.set_num_threads(prev_threads)
