@@ -121,8 +121,13 @@ def run_job(job: GenerateJob, *, log: Callable[[str], None]) -> RunSummary | Non
     bar = tqdm(total=len(pending), unit="prompt", file=sys.stderr, disable=disable)
     with JsonlWriter(job.output) as writer, bar:
 
+        generated = 0
+
         def on_result(result: GenerationResult) -> None:
+            nonlocal generated
             writer.write(result.to_record())
+            generated += result.completion_tokens
+            bar.set_postfix_str(f"{generated} tokens", refresh=False)
             bar.update(1)
 
         summary = engine.run(pending, on_result)

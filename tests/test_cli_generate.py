@@ -238,3 +238,44 @@ def test_generate_from_saved_checkpoint(tmp_path, capsys):
     for p in PROMPTS[:3]:
         assert records[p["id"]]["prompt_tokens"] == len(tokenizer.encode(p["prompt"]))
         assert 1 <= records[p["id"]]["completion_tokens"] <= 5
+
+
+def test_crash_mid_run_leaves_whole_lines_then_resumes(full_run, tmp_path, monkeypatch):
+    """A run that dies after its first batch leaves only complete records, and --resume finishes the rest."""
+    from moe.generate import GenerationEngine
+
+    src, expected = full_run
+    out = str(tmp_path / "out.jsonl")
+    real = GenerationEngine._generate_batch
+    calls = []
+
+    def dies_on_second_batch(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(self, *args)
+
+    monkeypatch.setattr(GenerationEngine, "_generate_batch", dies_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["generate", "--input", src, "--output", out, *FLAGS, "--batch-size", "2"])
+    partial = _read(out)
+    assert [r["id"] for r in partial] == [p["id"] for p in PROMPTS[:2]]
+    monkeypatch.setattr(GenerationEngine, "_generate_batch", real)
+    assert main(["generate", "--input", src, "--output", out, *FLAGS, "--resume"]) == 0
+    got = _read(out)
+    assert got[:2] == partial
+    assert {r["id"]: r for r in got} == {r["id"]: r for r in expected} and len(got) == len(expected)
+
+
+def test_progress_bar_on_request(tmp_path, capsys):
+    """run_job draws a tqdm progress bar on stderr when progress is on."""
+    from moe.generate import GenerateConfig
+    from moe.generate_job import GenerateJob, run_job
+
+    src = _write_prompts(tmp_path / "in.jsonl", PROMPTS[:2])
+    job = GenerateJob(input=src, output=str(tmp_path / "out.jsonl"), progress=True,
+                      generation=GenerateConfig(max_new_tokens=3))
+    summary = run_job(job, log=lambda msg: None)
+    assert summary.prompts == 2
+    err = capsys.readouterr().err
+    assert "2/2" in err and "prompt" in err
