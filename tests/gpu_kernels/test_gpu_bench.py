@@ -1,0 +1,73 @@
+"""bench/gpu_moe.py: its torch baselines compute the MoE layer, and it skips cleanly without CUDA."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe.gpu_kernels import fused_moe_reference
+
+_BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_moe.py"
+
+# (T, E, K, D, F, dtype)
+SHAPES = [(1, 8, 2, 16, 24, torch.float32), (5, 4, 1, 9, 7, torch.float32), (33, 8, 2, 16, 12, torch.bfloat16),
+          (17, 16, 6, 8, 8, torch.float32)]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_moe_bench", _BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("baseline", ["loop", "grouped_mm", "bmm"])
+@pytest.mark.parametrize("T,E,K,D,F,dtype", SHAPES)
+def test_baselines_match_reference(bench, baseline, T, E, K, D, F, dtype):
+    """Each torch baseline the benchmark times computes the same layer as the reference."""
+    if baseline == "grouped_mm" and bench._grouped_mm() is None:
+        pytest.skip("this torch has no grouped_mm")
+    if baseline == "grouped_mm" and any(n * dtype.itemsize % 16 for n in (D, F)):
+        pytest.skip("torch grouped_mm needs rows of a multiple of 16 bytes")
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * F, D, generator=g) / D**0.5).to(dtype)
+    w2 = (torch.randn(E, D, F, generator=g) / F**0.5).to(dtype)
+    ids, weights = bench.routing(T, E, K, seed=T)
+    got = bench.BASELINES[baseline](x, w13, w2, ids, weights)
+    want = fused_moe_reference(x, w13, w2, ids, weights)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_accounting_counts_active_experts_only(bench):
+    """Decode bytes count each used expert once; flops count every routed pair."""
+    ids = torch.tensor([[0, 3], [3, 0], [5, 0]])
+    assert bench.bytes_read(ids, 4, 8, 2) == 3 * 3 * 4 * 8 * 2 + 2 * 3 * 4 * 2 + 6 * 12
+    assert bench.moe_flops(3, 2, 4, 8) == 2 * 6 * 3 * 4 * 8
+
+
+def test_without_cuda_prints_skip_json():
+    """Without CUDA the benchmark exits 0 and its last line is JSON saying it skipped and why."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    proc = subprocess.run([sys.executable, str(_BENCH)], capture_output=True, text=True, timeout=120, check=True)
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["skipped"] is True and "CUDA" in last["reason"]
+
+
+def test_bad_arguments_are_named(bench):
+    """Unknown shapes and malformed token lists are rejected with a message naming them."""
+    with pytest.raises(SystemExit):
+        bench._parse(["--shapes", "nope"])
+    with pytest.raises(SystemExit):
+        bench._parse(["--decode-tokens", "1,x"])
+    args = bench._parse(["--shapes", "mixtral-8x7b", "--decode-tokens", "1,4"])
+    assert args.shapes == ["mixtral-8x7b"] and args.decode_tokens == [1, 4]
