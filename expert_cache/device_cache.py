@@ -59,6 +59,13 @@ class DeviceExpertCache:
     def free_slots(self) -> int:
         return len(self._free)
 
+    def evictable(self, protect: Iterable[tuple[int, int]] = ()) -> int:
+        """Slots a new load could use now: free ones plus resident entries that are
+        neither pinned nor in `protect`."""
+        protected = set(protect) | self._pinned
+        taken = sum(1 for k in self._key_of_slot if k is not None and k in protected)
+        return self.num_slots - taken
+
     def expert_map(self, layer: int, experts: Iterable[int] | None = None) -> torch.Tensor:
         """int32 [E] on device: slot of each expert of `layer`, or -1. With `experts`,
         only those are mapped (the others run elsewhere)."""

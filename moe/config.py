@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["RuntimeConfig", "parse_size", "SCHEDULERS", "CACHE_POLICIES", "PREDICTORS"]
 
-# Placement rules the runtime understands. "simple" is the foundation's per-expert rule
-# (cached -> device; few tokens -> CPU; many tokens -> copy then device).
+# Placement rules (moe.scheduler.planner): "dynamic" minimises each layer's makespan on
+# the cost model; the others are the single rules offload systems use.
 SCHEDULERS = ("dynamic", "simple", "gpu-only", "cpu-only", "static", "fiddler")
 CACHE_POLICIES = ("lru", "lfu", "score", "predictive", "static-hot")
 PREDICTORS = (None, "gate-lookahead", "transition", "learned", "frequency")
@@ -60,7 +60,7 @@ class RuntimeConfig:
 
     cache_policy: str = "lru"
     predictor: str | None = None
-    scheduler: str = "simple"
+    scheduler: str = "dynamic"
     cpu_threads: int | None = None
     copy_threshold_tokens: int = 8
     prefetch_depth: int = 1

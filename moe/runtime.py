@@ -11,8 +11,6 @@ Shape key: T tokens, D model dim, E experts, K top-k, N cache slots.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +21,7 @@ from moe.cpu_kernels.routing import group_by_expert
 from moe.expert_cache.device_cache import DeviceExpertCache
 from moe.expert_cache.store import HostExpertStore
 from moe.kernels import cpu_expert_ffn, device_fused_moe
+from moe.scheduler import CostModel, LayerExecutor, LayerPlanner, WorkItem, load_profile
 
 __all__ = ["HybridRuntime", "RoutedExperts", "RoutingObserver"]
 
@@ -44,23 +43,25 @@ class HybridRuntime:
     """State shared by the MoE layers of one model: store, device cache, CPU pool, stats."""
 
     def __init__(self, *, store: HostExpertStore, cache: DeviceExpertCache,
-                 config: RuntimeConfig, device: torch.device) -> None:
+                 config: RuntimeConfig, device: torch.device, cost_model: CostModel | None = None) -> None:
         self.store, self.cache, self.config, self.device = store, cache, config, torch.device(device)
         self.counters = _Counters()
         self.observers: list[RoutingObserver] = []
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self.flops_per_token = 6 * store.hidden * store.inter  # three D x F matmuls, 2 flops each
+        self.planner = LayerPlanner(cost_model or load_profile(self.device.type),
+                                    rule=config.scheduler,
+                                    copy_threshold_tokens=config.copy_threshold_tokens)
+        # One pool thread: CPU experts run one after another, each on all cores (the
+        # parallel Numba kernel), which is the CPU model the planner optimises for.
+        self.executor = LayerExecutor(cpu_threads=1)
+        self._hot: dict[int, frozenset[int]] = {}
         if config.scheduler == "static":
-            self.cache.pin(self._static_hot_keys())
+            keys = self._static_hot_keys()
+            self.cache.pin(keys)
+            for l, e in keys:
+                self._hot[l] = self._hot.get(l, frozenset()) | {e}
 
     # -- plumbing ----------------------------------------------------------------------
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.config.threads,
-                                            thread_name_prefix="moe-cpu")
-        return self._pool
-
     def routed(self, layer: int) -> "RoutedExperts":
         return RoutedExperts(self, layer)
 
@@ -74,6 +75,7 @@ class HybridRuntime:
         out["cache_slots"] = self.cache.num_slots
         out["expert_bytes"] = self.store.expert_bytes
         out["scheduler"] = self.config.scheduler
+        out["plan_cache_hits"] = self.planner.hits
         out["cache_policy"] = self.config.cache_policy
         out["device"] = str(self.device)
         return out
@@ -83,9 +85,7 @@ class HybridRuntime:
         self.cache.h2d_bytes = self.cache.loads = self.cache.evictions = 0
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self.executor.close()
 
     def _static_hot_keys(self) -> list[tuple[int, int]]:
         """Experts pinned by scheduler="static": the configured set, else as many experts
@@ -103,23 +103,9 @@ class HybridRuntime:
         return keys
 
     # -- placement ---------------------------------------------------------------------
-    def place(self, layer: int, experts: list[int], counts: list[int]) -> dict[int, str]:
-        """"device" (resident), "copy" (load then device) or "cpu" for each active expert."""
-        rule, cache = self.config.scheduler, self.cache
-        out = {}
-        for e, n in zip(experts, counts):
-            resident = cache.resident(layer, e)
-            if rule == "cpu-only":
-                out[e] = "cpu"
-            elif resident:
-                out[e] = "device"
-            elif rule == "static" or cache.num_slots == 0:
-                out[e] = "cpu"
-            elif rule == "gpu-only":
-                out[e] = "copy"
-            else:  # simple / fiddler / dynamic until a cost model is present
-                out[e] = "copy" if (n >= self.config.copy_threshold_tokens or cache.free_slots) else "cpu"
-        return out
+    def hot_experts(self, layer: int) -> frozenset[int]:
+        """Experts of `layer` pinned on the device (scheduler="static")."""
+        return self._hot.get(layer, frozenset())
 
 
 class RoutedExperts:
@@ -129,9 +115,9 @@ class RoutedExperts:
         self.rt, self.layer = runtime, layer
 
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        rt, layer, cache = self.rt, self.layer, self.rt.cache
+        rt, layer, cache, store = self.rt, self.layer, self.rt.cache, self.rt.store
         T, K = ids_TK.shape
-        E = rt.store.num_experts
+        E = store.num_experts
         if T == 0:
             return torch.zeros_like(x_TD)
         ids_cpu_TK = ids_TK.to("cpu")
@@ -140,60 +126,63 @@ class RoutedExperts:
             fn(layer, ids_cpu_TK, w_cpu_TK)
 
         order_N, offsets_E1 = group_by_expert(ids_cpu_TK, E)
-        counts_E = (offsets_E1[1:] - offsets_E1[:-1])
+        counts_E = offsets_E1[1:] - offsets_E1[:-1]
         active = counts_E.nonzero().flatten().tolist()
-        counts = [int(counts_E[e]) for e in active]
         scores_E = torch.zeros(E, dtype=torch.float32).index_add_(
             0, ids_cpu_TK.reshape(-1), w_cpu_TK.reshape(-1).float()) / T
         cache.policy.observe_routing(layer, scores_E.numpy(), active)
 
-        placement = rt.place(layer, active, counts)
-        device_experts, cpu_experts = [], []
-        protect = [(layer, e) for e, p in placement.items() if p != "cpu"]
-        for e in active:
-            p, key = placement[e], (layer, e)
-            if p == "device":
-                rt.counters.add("cache_hits")
-                cache.policy.on_hit(key)
-                device_experts.append(e)
-                continue
-            rt.counters.add("cache_misses")
-            if p == "copy" and cache.load(layer, e, protect=protect) >= 0:
-                device_experts.append(e)
-            else:
-                cpu_experts.append(e)
-        rt.counters.add("gpu_expert_calls", len(device_experts))
-        rt.counters.add("cpu_expert_calls", len(cpu_experts))
+        items = [WorkItem(key=e, tokens=int(counts_E[e]), weight_bytes=store.expert_bytes,
+                          flops_per_token=rt.flops_per_token, cached=bool(cache.resident(layer, e)))
+                 for e in active]
+        resident_active = [(layer, it.key) for it in items if it.cached]
+        plan = rt.planner.plan(items, max_copies=cache.evictable(protect=resident_active),
+                               hot=rt.hot_experts(layer))
+        for it in items:
+            rt.counters.add("cache_hits" if it.cached else "cache_misses")
+            if it.cached:
+                cache.policy.on_hit((layer, it.key))
+        device_keys = plan.device_keys()
+        protect = resident_active + [(layer, e) for e in plan.copy_order]
+        rt.counters.add("gpu_expert_calls", len(device_keys))
+        rt.counters.add("cpu_expert_calls", len(items) - len(device_keys))
         rt.counters.add("layer_calls")
         rt.counters.add("tokens", T)
 
-        # CPU experts start first so they overlap the device work below.
-        futures = []
-        if cpu_experts:
-            x_host_TD = x_TD.detach().to("cpu")
-            flat_w_N = w_cpu_TK.reshape(-1)
-            for e in cpu_experts:
-                pairs = order_N[offsets_E1[e]:offsets_E1[e + 1]]
-                futures.append(rt.pool.submit(_cpu_expert, rt.store, layer, e, x_host_TD,
-                                              pairs // K, flat_w_N[pairs]))
-        if device_experts:
+        x_host_TD = x_TD.detach().to("cpu") if len(device_keys) < len(items) else None
+        flat_w_N = w_cpu_TK.reshape(-1)
+        cpu_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        result: list[torch.Tensor] = []
+
+        def run_cpu(e: int) -> None:
+            pairs = order_N[offsets_E1[e]:offsets_E1[e + 1]]
+            cpu_out[e] = _cpu_expert(store, layer, e, x_host_TD, pairs // K, flat_w_N[pairs],
+                                     rt.config.cpu_threads)
+
+        def start_copy(e: int) -> None:
+            if cache.load(layer, e, protect=protect) < 0:
+                raise RuntimeError(f"no evictable cache slot for expert {e} of MoE layer {layer}")
+
+        def run_device(keys) -> None:
             cache.wait()
-            emap_E = cache.expert_map(layer, device_experts)
-            y_TD = device_fused_moe(x_TD, cache.w13_N2FD, cache.w2_NDF, ids_TK, weights_TK, emap_E)
-        else:
-            y_TD = torch.zeros_like(x_TD)
-        if futures:
+            emap_E = cache.expert_map(layer, keys)
+            result.append(device_fused_moe(x_TD, cache.w13_N2FD, cache.w2_NDF, ids_TK, weights_TK, emap_E))
+
+        rt.executor.run(plan, run_cpu=run_cpu, start_copy=start_copy, run_device=run_device)
+        y_TD = result[0] if result else torch.zeros_like(x_TD)
+        if cpu_out:
             y_cpu_TD = torch.zeros(x_TD.shape, dtype=x_TD.dtype)
-            for f in futures:  # fixed order: results do not depend on thread timing
-                tok_M, y_MD = f.result()
+            for e in sorted(cpu_out):  # fixed order: results do not depend on thread timing
+                tok_M, y_MD = cpu_out[e]
                 y_cpu_TD.index_add_(0, tok_M, y_MD)
             y_TD = y_TD + y_cpu_TD.to(y_TD.device, non_blocking=True)
         return y_TD
 
 
 def _cpu_expert(store: HostExpertStore, layer: int, e: int, x_TD: torch.Tensor,
-                tok_M: torch.Tensor, w_M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                tok_M: torch.Tensor, w_M: torch.Tensor,
+                threads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert on the CPU for its M routed rows; returns (rows, weighted output)."""
     w13_2FD, w2_DF = store.expert(layer, e)
-    y_MD = cpu_expert_ffn(x_TD.index_select(0, tok_M), w13_2FD, w2_DF)
+    y_MD = cpu_expert_ffn(x_TD.index_select(0, tok_M), w13_2FD, w2_DF, num_threads=threads)
     return tok_M, (y_MD * w_M[:, None]).to(x_TD.dtype)
