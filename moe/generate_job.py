@@ -119,9 +119,8 @@ def run_job(job: GenerateJob, *, log: Callable[[str], None]) -> RunSummary | Non
     before = moe.stats(model)
     disable = None if job.progress is None else not job.progress  # tqdm: None = off unless a tty
     bar = tqdm(total=len(pending), unit="prompt", file=sys.stderr, disable=disable)
+    generated = 0
     with JsonlWriter(job.output) as writer, bar:
-
-        generated = 0
 
         def on_result(result: GenerationResult) -> None:
             nonlocal generated
@@ -142,19 +141,21 @@ def _rate(tokens: int, seconds: float) -> str:
 
 
 def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+    if n < 1024:
+        return f"{n:,.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n} B"
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}"
 
 
 def format_summary(summary: RunSummary, stats: dict) -> str:
     """Closing summary: throughput, and expert cache/placement counters from `moe.stats`."""
     hits, misses = stats.get("cache_hits", 0), stats.get("cache_misses", 0)
     hit_rate = f"{100.0 * hits / (hits + misses):.1f}%" if hits + misses else "n/a"
+    batches = f"{summary.batches} batch" + ("" if summary.batches == 1 else "es")
     return "\n".join([
-        f"done: {summary.prompts} prompts in {summary.batches} batch{'es' if summary.batches != 1 else ''}, {summary.prompt_tokens} prompt tokens, "
+        f"done: {summary.prompts} prompts in {batches}, {summary.prompt_tokens} prompt tokens, "
         f"{summary.completion_tokens} generated tokens in {summary.generate_s:.2f} s",
         f"  throughput: prefill {_rate(summary.prompt_tokens, summary.prefill_s)}, "
         f"decode {_rate(summary.decode_tokens, summary.decode_s)}, "

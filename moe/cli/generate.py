@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe.config import CACHE_POLICIES, PREDICTORS, SCHEDULERS
+
 __all__ = ["register", "run"]
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -32,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--output", metavar="FILE.jsonl", default=None, help="results (default: stdout)")
     p.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="most tokens generated per prompt (default: 128)")
     p.add_argument("--gpu-memory", metavar="SIZE", default=None,
-                   help="device budget for all weights, e.g. 8GiB; the rest of the non-expert weights becomes "
+                   help="device budget for all weights, e.g. 8GiB; what the non-expert weights leave over becomes "
                         "expert cache (default: the loader's; for the demo, about half its experts fit)")
     p.add_argument("--batch-size", metavar="N|auto", default="auto",
                    help="prompts per batch, or 'auto' to size batches by prompt length (default: auto)")
@@ -42,21 +44,29 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="fast tier, e.g. cuda, cuda:1 or cpu (default: cuda when present)")
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
                    help="weight dtype (default: the checkpoint's; float32 for the demo)")
-    p.add_argument("--config-cache-policy", metavar="POLICY", default=None, help="expert cache eviction policy")
-    p.add_argument("--config-scheduler", metavar="RULE", default=None, help="per-layer expert placement rule")
-    p.add_argument("--config-predictor", metavar="NAME", default=None, help="routing predictor for prefetch, or 'none'")
+    p.add_argument("--config-cache-policy", metavar="POLICY", default=None,
+                   help=f"expert cache eviction policy: {', '.join(CACHE_POLICIES)}")
+    p.add_argument("--config-scheduler", metavar="RULE", default=None,
+                   help=f"per-layer expert placement rule: {', '.join(SCHEDULERS)}")
+    p.add_argument("--config-predictor", metavar="NAME", default=None,
+                   help=f"routing predictor for prefetch: none, {', '.join(name for name in PREDICTORS if name)}")
     p.add_argument("--config-cpu-threads", metavar="N", type=int, default=None, help="threads for CPU experts")
     p.set_defaults(func=run)
 
 
 def _runtime_config(args):
+    """A RuntimeConfig from the --config-* flags given, or None (the runtime's defaults)."""
     from moe.config import RuntimeConfig
 
-    fields = {"cache_policy": args.config_cache_policy, "scheduler": args.config_scheduler,
-              "cpu_threads": args.config_cpu_threads}
+    fields: dict = {}
+    if args.config_cache_policy is not None:
+        fields["cache_policy"] = args.config_cache_policy
+    if args.config_scheduler is not None:
+        fields["scheduler"] = args.config_scheduler
     if args.config_predictor is not None:
         fields["predictor"] = None if args.config_predictor.lower() == "none" else args.config_predictor
-    fields = {k: v for k, v in fields.items() if v is not None or k == "predictor"}
+    if args.config_cpu_threads is not None:
+        fields["cpu_threads"] = args.config_cpu_threads
     return RuntimeConfig(**fields) if fields else None
 
 
