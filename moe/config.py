@@ -48,11 +48,16 @@ class RuntimeConfig:
 
     cache_policy: eviction policy of the device expert cache.
     predictor: routing-path predictor used for prefetch (None: no prefetch).
+        "gate-lookahead" needs nothing; "transition" and "frequency" are fitted on the
+        routing trace at `predictor_file`; "learned" loads the predictor saved there by
+        `moe trace train-predictor`.
     scheduler: per-layer placement rule (see SCHEDULERS).
     cpu_threads: threads for CPU experts (None: all cores).
     copy_threshold_tokens: for the "simple"/"fiddler" rules, an uncached expert with at
         least this many tokens is copied to the device instead of running on the CPU.
     prefetch_depth: how many layers ahead the predictor's forecast is prefetched.
+    prefetch_threshold: smallest forecast probability worth a copy (policies with their
+        own prefetch rule, e.g. "predictive", decide themselves).
     static_hot: for scheduler="static" / cache_policy="static-hot": experts pinned on the
         device, as {moe_layer_index: [expert ids]}; None picks by slot order.
     pin_memory: pin the host expert store (None: when CUDA is the device).
@@ -64,6 +69,8 @@ class RuntimeConfig:
     cpu_threads: int | None = None
     copy_threshold_tokens: int = 8
     prefetch_depth: int = 1
+    prefetch_threshold: float = 0.5
+    predictor_file: str | None = None
     static_hot: dict[int, list[int]] | None = None
     pin_memory: bool | None = None
     extra: dict = field(default_factory=dict)
@@ -82,8 +89,13 @@ class RuntimeConfig:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.copy_threshold_tokens < 1:
             raise ValueError(f"copy_threshold_tokens must be >= 1, got {self.copy_threshold_tokens}")
-        if self.prefetch_depth < 0:
-            raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {self.prefetch_depth}")
+        if not 0.0 <= self.prefetch_threshold <= 1.0:
+            raise ValueError(f"prefetch_threshold must be in [0, 1], got {self.prefetch_threshold}")
+        if self.predictor in ("transition", "frequency", "learned") and not self.predictor_file:
+            raise ValueError(f"predictor {self.predictor!r} needs predictor_file: a routing trace "
+                             "(transition, frequency) or a trained predictor (learned)")
 
     @property
     def threads(self) -> int:

@@ -28,7 +28,7 @@ __all__ = ["HybridRuntime", "RoutedExperts", "RoutingObserver"]
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 _STAT_KEYS = ("cache_hits", "cache_misses", "h2d_bytes", "cpu_expert_calls", "gpu_expert_calls",
-              "prefetch_hits", "copies", "evictions", "layer_calls", "tokens")
+              "prefetch_hits", "prefetches", "copies", "evictions", "layer_calls", "tokens")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class HybridRuntime:
         # parallel Numba kernel), which is the CPU model the planner optimises for.
         self.executor = LayerExecutor(cpu_threads=1)
         self._hot: dict[int, frozenset[int]] = {}
+        self.prefetcher = None  # set by install_runtime when a predictor is configured
         if config.scheduler == "static":
             keys = self._static_hot_keys()
             self.cache.pin(keys)
@@ -124,6 +125,7 @@ class RoutedExperts:
         w_cpu_TK = weights_TK.detach().to("cpu")
         for fn in rt.observers:
             fn(layer, ids_cpu_TK, w_cpu_TK)
+        prefetcher = rt.prefetcher
 
         order_N, offsets_E1 = group_by_expert(ids_cpu_TK, E)
         counts_E = offsets_E1[1:] - offsets_E1[:-1]
@@ -131,6 +133,8 @@ class RoutedExperts:
         scores_E = torch.zeros(E, dtype=torch.float32).index_add_(
             0, ids_cpu_TK.reshape(-1), w_cpu_TK.reshape(-1).float()) / T
         cache.policy.observe_routing(layer, scores_E.numpy(), active)
+        if prefetcher is not None:
+            prefetcher.observe(layer, ids_cpu_TK, active)
 
         items = [WorkItem(key=e, tokens=int(counts_E[e]), weight_bytes=store.expert_bytes,
                           flops_per_token=rt.flops_per_token, cached=bool(cache.resident(layer, e)))
@@ -163,12 +167,18 @@ class RoutedExperts:
             if cache.load(layer, e, protect=protect) < 0:
                 raise RuntimeError(f"no evictable cache slot for expert {e} of MoE layer {layer}")
 
+        prefetched = []
+
         def run_device(keys) -> None:
-            cache.wait()
+            cache.wait()  # this layer's copies only: prefetches below must not delay it
+            if prefetcher is not None:
+                prefetched.append(prefetcher.issue(layer, x_TD, [(layer, e) for e in keys]))
             emap_E = cache.expert_map(layer, keys)
             result.append(device_fused_moe(x_TD, cache.w13_N2FD, cache.w2_NDF, ids_TK, weights_TK, emap_E))
 
         rt.executor.run(plan, run_cpu=run_cpu, start_copy=start_copy, run_device=run_device)
+        if prefetcher is not None and not prefetched:
+            prefetcher.issue(layer, x_TD, [])
         y_TD = result[0] if result else torch.zeros_like(x_TD)
         if cpu_out:
             y_cpu_TD = torch.zeros(x_TD.shape, dtype=x_TD.dtype)

@@ -12,6 +12,7 @@ from moe.expert_cache.device_cache import DeviceExpertCache
 from moe.expert_cache.policy import LRUPolicy
 from moe.expert_cache.store import HostExpertStore
 from moe.families import Family, family_for_config
+from moe.prefetch import Prefetcher, gate_callables
 from moe.runtime import HybridRuntime
 
 __all__ = ["wrap", "stats", "add_routing_observer", "runtime_of", "BudgetError", "install_runtime",
@@ -90,9 +91,36 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
             shared_gate=getattr(old, family.shared_gate) if family.shared_gate else None)
         del old
     model.to(device)
+    if config.predictor is not None:
+        blocks = [layers[i].mlp for i in moe_layers]
+        runtime.prefetcher = Prefetcher(
+            predictor=_make_predictor(config, blocks, gating.top_k, store.num_experts),
+            cache=cache, counters=runtime.counters, depth=config.prefetch_depth,
+            threshold=config.prefetch_threshold)
     model._moe_runtime = runtime
     model._moe_budget = plan
     return runtime
+
+
+def _make_predictor(config: RuntimeConfig, blocks, top_k: int, num_experts: int):
+    from moe.router_predictor import predictors as P
+
+    if config.predictor == "gate-lookahead":
+        return P.GateLookaheadPredictor(gate_callables(blocks), top_k=top_k, num_experts=num_experts)
+    if config.predictor == "learned":
+        from moe.router_predictor.learned import LearnedPathPredictor
+
+        pred = LearnedPathPredictor.load(config.predictor_file)
+    else:
+        from moe.router_predictor import load_trace
+
+        trace = load_trace(config.predictor_file)
+        fit = P.TransitionPredictor if config.predictor == "transition" else P.FrequencyPredictor
+        pred = fit.fit(trace)
+    if (pred.num_layers, pred.num_experts) != (len(blocks), num_experts):
+        raise ValueError(f"predictor from {config.predictor_file} is for {pred.num_layers} MoE layers x "
+                         f"{pred.num_experts} experts, but the model has {len(blocks)} x {num_experts}")
+    return pred
 
 
 def _make_policy(config: RuntimeConfig):

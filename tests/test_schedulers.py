@@ -67,3 +67,17 @@ def test_routing_observer_sees_every_layer(ckpt):
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long))
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_gate_lookahead_prefetch_is_lossless_and_used(ckpt, reference, policy):
+    """Prefetching with the gate-lookahead predictor copies experts ahead, hits on them,
+    and leaves outputs unchanged."""
+    ids, logits, gen, budget = reference
+    cfg = moe.RuntimeConfig(predictor="gate-lookahead", cache_policy=policy, prefetch_threshold=0.3)
+    model = moe.from_pretrained(ckpt, gpu_memory=budget, device="cpu", dtype=torch.float32, config=cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), gen)
+    st = moe.stats(model)
+    assert st["prefetches"] > 0 and st["prefetch_hits"] > 0, st

@@ -1,0 +1,115 @@
+"""Predictor-driven prefetch: while layer l runs, copy the experts that layers l+1..l+d
+are forecast to need into the device cache.
+
+The forecast reaches the cache policy (`observe_forecast`, so forecast experts are
+protected from eviction), and copies are issued on the copy stream right after layer l's
+own copies and before its device kernel, so they overlap layer l's CPU and device
+compute. Which experts: the policy's own `prefetch_requests()` when it has one (the
+predictive policy weighs a forecast against what it would evict), else the most likely
+non-resident experts whose forecast probability reaches `threshold`. Every prefetch is
+one expert copy and is counted in h2d_bytes; `prefetch_hits` counts prefetched experts
+that a later layer then used.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from moe.router_predictor.predictors import RoutingContext, RoutingPredictor
+
+__all__ = ["Prefetcher", "step_probabilities"]
+
+
+def step_probabilities(probs_TE: torch.Tensor) -> torch.Tensor:
+    """P(expert used by at least one of the T tokens), from per-token probabilities [T, E]."""
+    return 1.0 - torch.prod(1.0 - probs_TE.clamp(0.0, 1.0), dim=0)
+
+
+class Prefetcher:
+    def __init__(self, *, predictor: RoutingPredictor, cache, counters, depth: int = 1,
+                 threshold: float = 0.5, max_per_layer: int | None = None) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self.predictor, self.cache, self.counters = predictor, cache, counters
+        self.depth, self.threshold = depth, threshold
+        self.max_per_layer = max_per_layer
+        self._step_ids: list[torch.Tensor] = []  # this forward's ids_TK of layers 0..l
+        self._prev_TLK: torch.Tensor | None = None  # last forward's routing (decode predecessor)
+        self._prefetched: set[tuple[int, int]] = set()
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def observe(self, layer: int, ids_TK: torch.Tensor, active: Sequence[int]) -> None:
+        """Record layer l's routing; count hits on experts that a prefetch brought in."""
+        if layer == 0:
+            if self._step_ids and len(self._step_ids) == self.predictor.num_layers:
+                self._prev_TLK = torch.stack(self._step_ids, dim=1)
+            self._step_ids = []
+        if len(self._step_ids) != layer:  # a forward that skipped layers: start afresh
+            self._step_ids = []
+            return
+        self._step_ids.append(ids_TK.long())
+        for e in active:
+            if (layer, e) in self._prefetched and self.cache.resident(layer, e):
+                self.counters.add("prefetch_hits")
+        self._prefetched = {k for k in self._prefetched if k[0] != layer and self.cache.resident(*k)}
+
+    # -- forecasting and copies --------------------------------------------------------
+    def issue(self, layer: int, hidden_TD: torch.Tensor | None,
+              protect: Sequence[tuple[int, int]]) -> int:
+        """Forecast layers after `layer` and copy what is worth it. Returns copies issued."""
+        if len(self._step_ids) != layer + 1 or layer + 1 >= self.predictor.num_layers:
+            return 0
+        T = self._step_ids[0].shape[0]
+        prev = self._prev_TLK if self._prev_TLK is not None and self._prev_TLK.shape[0] == T else None
+        ctx = RoutingContext(layer=layer, ids_TlK=torch.stack(self._step_ids, dim=1),
+                             prev_ids_TLK=prev,
+                             hidden_TD=None if hidden_TD is None else hidden_TD.detach())
+        probs_TdE = self.predictor.predict(ctx, depth=self.depth)
+        policy = self.cache.policy
+        wanted: list[tuple[float, tuple[int, int]]] = []
+        for j in range(probs_TdE.shape[1]):
+            target = layer + 1 + j
+            p_E = step_probabilities(probs_TdE[:, j].float().cpu())
+            policy.observe_forecast(target, p_E.numpy())
+            if not hasattr(policy, "prefetch_requests"):
+                order = torch.argsort(p_E, descending=True, stable=True).tolist()
+                picked = [e for e in order if p_E[e] >= self.threshold
+                          and not self.cache.resident(target, e)]
+                if self.max_per_layer is not None:
+                    picked = picked[: self.max_per_layer]
+                wanted += [(float(p_E[e]), (target, e)) for e in picked]
+        if hasattr(policy, "prefetch_requests"):
+            keys = [k for k in policy.prefetch_requests() if not self.cache.resident(*k)]
+        else:
+            keys = [k for _, k in sorted(wanted, key=lambda pk: -pk[0])]
+        issued = 0
+        protected = list(protect)
+        for key in keys:
+            if self.cache.evictable(protect=protected) == 0:
+                break
+            if self.cache.load(*key, protect=protected) >= 0:
+                self._prefetched.add(key)
+                protected.append(key)  # a later prefetch must not evict this one
+                issued += 1
+        self.counters.add("prefetches", issued)
+        return issued
+
+
+def gate_callables(blocks) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Per MoE layer, hidden_TD -> router probabilities [T, E], with each block's own
+    score function (softmax or sigmoid plus correction bias)."""
+    def make(block):
+        def gate(h_TD: torch.Tensor) -> torch.Tensor:
+            g = block.gating
+            w = block.gate.weight
+            logits = torch.nn.functional.linear(h_TD.float(), w.float()) if g.router_fp32 \
+                else torch.nn.functional.linear(h_TD, w)
+            if g.score == "sigmoid":
+                s = torch.sigmoid(logits.float())
+                if g.has_correction_bias:
+                    s = s + block.gate.e_score_correction_bias.float()
+                return s
+            return torch.softmax(logits.float(), dim=-1)
+        return gate
+    return [make(b) for b in blocks]
