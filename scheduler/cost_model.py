@@ -96,11 +96,13 @@ class AnalyticCostModel(CostModel):
                         f"AnalyticCostModel: per_kind[{kind!r}] sets {name!r}; settable fields are {', '.join(RATE_FIELDS)}"
                     )
                 _check_rate(f"AnalyticCostModel per_kind[{kind!r}]", name, value)
-        # Resolved rates per kind, so a time costs two dict lookups.
-        self._rates = {
-            kind: {name: float(self.per_kind.get(kind, {}).get(name, getattr(self, name))) for name in RATE_FIELDS}
-            for kind in KINDS
-        }
+        # Resolved (bytes/s, FLOP/s, call s) per (kind, side), so a time costs one lookup.
+        self._rates = {}
+        for kind in KINDS:
+            over = self.per_kind.get(kind, {})
+            for side in ("cpu", "device"):
+                get = lambda name: float(over.get(f"{side}_{name}", getattr(self, f"{side}_{name}")))  # noqa: E731
+                self._rates[kind, side] = (get("read_gbps") * 1e9, get("gflops") * 1e9, get("call_s"))
 
     @classmethod
     def defaults(cls, device: str = "cuda") -> AnalyticCostModel:
@@ -119,10 +121,8 @@ class AnalyticCostModel(CostModel):
     def _time(self, item: WorkItem, side: str) -> float:
         if item.tokens == 0:
             return 0.0
-        r = self._rates[item.kind]
-        read_s = item.bytes_read / (r[f"{side}_read_gbps"] * 1e9)
-        compute_s = item.tokens * item.flops_per_token / (r[f"{side}_gflops"] * 1e9)
-        return r[f"{side}_call_s"] + max(read_s, compute_s)
+        read_bps, flops, call_s = self._rates[item.kind, side]
+        return call_s + max(item.bytes_read / read_bps, item.tokens * item.flops_per_token / flops)
 
     def cpu_time(self, item: WorkItem) -> float:
         return self._time(item, "cpu")

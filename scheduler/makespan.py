@@ -34,6 +34,9 @@ from moe.scheduler.work import Placement, WorkItem
 
 __all__ = ["makespan", "simulate", "Timeline", "johnson_order", "LayerCosts"]
 
+# evaluate_many scores batches of at most this many (set, item) cells in plain Python.
+_SCALAR_CELLS = 96
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -83,6 +86,10 @@ class LayerCosts:
         self._cpu_N = np.asarray(self.cpu, dtype=np.float64)
         self._dev_N = np.asarray(self.dev, dtype=np.float64)
         self.needs_copy_N = np.asarray(self.needs_copy, dtype=bool)
+        self._cached_idx = np.asarray(cached_idx, dtype=np.int64)
+        self._flight_idx = flight_idx
+        self._copy_new_M = np.asarray([self.copy[i] for i in new_idx], dtype=np.float64)
+        self._dev_new_M = np.asarray([self.dev[i] for i in new_idx], dtype=np.float64)
 
     def evaluate(self, on_dev: Sequence[bool]) -> Timeline:
         """Timeline with new copies in Johnson order (optimal for this device set)."""
@@ -96,19 +103,40 @@ class LayerCosts:
         three resources together (used to break ties toward less work).
         """
         n_sets = on_dev_SN.shape[0]
+        if n_sets * self.n <= _SCALAR_CELLS:
+            # Tiny batches: numpy's per-call overhead outweighs the work; score row by row.
+            rows = [self._score(row) for row in on_dev_SN.tolist()]
+            return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
         on_f_SN = on_dev_SN.astype(np.float64)
         cpu_S = (1.0 - on_f_SN) @ self._cpu_N
-        dev_S = np.zeros(n_sets)
-        for i in self.old_order:
-            r = self.ready[i]
-            start_S = dev_S if r is None else np.maximum(dev_S, r)
-            dev_S = np.where(on_dev_SN[:, i], start_S + self.dev[i], dev_S)
-        link_S = np.full(n_sets, self.link_start)
-        for i in self.new_order:
-            link_S = link_S + on_f_SN[:, i] * self.copy[i]
-            dev_S = np.where(on_dev_SN[:, i], np.maximum(dev_S, link_S) + self.dev[i], dev_S)
+        # Cached items run back to back from time 0; copies in flight wait for landing.
+        dev_S = on_f_SN[:, self._cached_idx] @ self._dev_N[self._cached_idx]
+        for i in self._flight_idx:
+            dev_S = np.where(on_dev_SN[:, i], np.maximum(dev_S, self.ready[i]) + self.dev[i], dev_S)
+        # New copies in Johnson order: copy j lands at link_j (prefix sum); the device
+        # finishes at the latest of "free after old work, then all new runs" and, for each
+        # chosen j, "start at link_j, then run j and every later new item".
+        on_new_SM = on_f_SN[:, self.new_order]
+        link_SM = self.link_start + np.cumsum(on_new_SM * self._copy_new_M, axis=1)
+        run_SM = on_new_SM * self._dev_new_M
+        tail_SM = np.cumsum(run_SM[:, ::-1], axis=1)[:, ::-1]
+        if self.new_order:
+            blocks_S = np.where(on_new_SM > 0, link_SM + tail_SM, -np.inf).max(axis=1)
+            dev_S = np.maximum(dev_S + tail_SM[:, 0], blocks_S)
+            link_S = link_SM[:, -1]
+        else:
+            link_S = np.full(n_sets, self.link_start)
         busy_S = cpu_S + (link_S - self.link_start) + on_f_SN @ self._dev_N
         return np.maximum(cpu_S, dev_S), busy_S
+
+    def _score(self, on_dev: Sequence[bool]) -> tuple[float, float]:
+        """(makespan, busy seconds of all three resources) of one device set, Johnson copy order."""
+        t = self._run(on_dev, self.new_order)
+        dev_busy = 0.0
+        for i in range(self.n):
+            if on_dev[i]:
+                dev_busy += self.dev[i]
+        return t.makespan_s, t.cpu_s + (t.link_s - self.link_start) + dev_busy
 
     def _run(self, on_dev: Sequence[bool], new_order: Sequence[int]) -> Timeline:
         cpu_s = 0.0

@@ -39,6 +39,9 @@ RULES = ("dynamic", "simple", "gpu-only", "cpu-only", "static", "fiddler")
 # which is where the list schedule is already close (many small items even out).
 _PAIR_LIMIT = 64
 _TRIPLE_LIMIT = 16
+# Largest move tried from every start on small / large layers (the best local optimum
+# then gets every move its size allows).
+_START_K_SMALL, _START_K_LARGE = 2, 1
 # Relative slack under which two makespans count as equal (then fewer busy seconds win).
 _REL_EPS = 1e-9
 
@@ -210,7 +213,7 @@ def _local_search(
 
 
 def _dynamic(costs: LayerCosts, limit: int) -> list[bool]:
-    """Local search (pairs) from the list schedule and three simple plans; triples polish the best."""
+    """Local search from the list schedule and three simple plans; larger moves polish the best."""
     if costs.n == 0:
         return []
     starts = [
@@ -219,6 +222,7 @@ def _dynamic(costs: LayerCosts, limit: int) -> list[bool]:
         _cap_copies(costs, _rule_choice(costs, "fiddler", set(), 1), limit),
         _cap_copies(costs, [True] * costs.n, limit),
     ]
+    start_k = _START_K_SMALL if costs.n <= _TRIPLE_LIMIT else _START_K_LARGE
     best_set, best_score = None, None
     seen = set()
     for start in starts:
@@ -226,11 +230,10 @@ def _dynamic(costs: LayerCosts, limit: int) -> list[bool]:
         if sig in seen:
             continue
         seen.add(sig)
-        cand, score = _local_search(costs, start, limit, max_k=2)
+        cand, score = _local_search(costs, start, limit, max_k=start_k)
         if best_score is None or _better(score, best_score):
             best_set, best_score = cand, score
-    if costs.n <= _TRIPLE_LIMIT:
-        best_set, _ = _local_search(costs, best_set, limit, max_k=3)
+    best_set, _ = _local_search(costs, best_set, limit, max_k=3)
     return best_set
 
 

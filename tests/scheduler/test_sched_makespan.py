@@ -93,9 +93,9 @@ def test_vectorised_evaluation_matches_scalar(n):
     for _ in range(20):
         items, cost, _, link_free_s = random_expert_layer(rng, n)
         costs = LayerCosts(items, cost, link_free_s=link_free_s)
-        sets_SN = np.array([[rng.random() < 0.5 for _ in range(n)] for _ in range(8)], dtype=bool).reshape(8, n)
+        sets_SN = np.array([[rng.random() < 0.5 for _ in range(n)] for _ in range(128)], dtype=bool).reshape(128, n)
         ms_S, _ = costs.evaluate_many(sets_SN)
-        for s in range(8):
+        for s in range(128):
             assert math.isclose(ms_S[s], costs.evaluate(sets_SN[s].tolist()).makespan_s, rel_tol=1e-12, abs_tol=1e-18)
 
 
