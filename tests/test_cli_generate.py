@@ -112,7 +112,7 @@ def test_malformed_input_exits_2_and_keeps_output(tmp_path, capsys, text, messag
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
-    """A missing file, an existing output without --resume, --resume to stdout and bad sizes exit 2."""
+    """Missing files, an existing output without --resume, --resume to stdout, bad flags and budgets exit 2."""
     src = _write_prompts(tmp_path / "in.jsonl", PROMPTS[:1])
     existing = tmp_path / "existing.jsonl"
     existing.write_text('{"id": "a", "completion": "x"}\n', encoding="utf-8")
@@ -122,6 +122,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
         (["--input", src, "--resume"], "--resume needs --output"),
         (["--input", src, "--output", src, "--resume"], "is the input file"),
         (["--input", src, "--gpu-memory", "lots"], "cannot read memory size"),
+        (["--input", src, "--gpu-memory", "100KB"], "smaller than the model's non-expert weights"),
         (["--input", src, "--batch-size", "0"], "batch size"),
         (["--input", src, "--temperature", "-1"], "temperature"),
         (["--input", src, "--config-cache-policy", "fifo"], "cache_policy"),

@@ -77,12 +77,14 @@ def run(args) -> int:
     from moe.generate import GenerateConfig
     from moe.generate_job import GenerateJob, run_job
 
+    if args.gpu_memory is not None:
+        parse_size(args.gpu_memory)  # a typo fails now, not after the input is read and the model built
     job = GenerateJob(
         model=args.model,
         input=args.input,
         output=args.output,
         resume=args.resume,
-        gpu_memory=None if args.gpu_memory is None else parse_size(args.gpu_memory),
+        gpu_memory=args.gpu_memory,
         device=args.device,
         dtype=None if args.dtype == "auto" else getattr(torch, _DTYPES[args.dtype]),
         runtime=_runtime_config(args),
