@@ -1,0 +1,17 @@
+"""CPU expert kernels (Numba, nogil) with plain-torch references.
+
+expert_ffn(x_TD, w13, w2, out=None, *, num_threads=None): one SwiGLU expert on the CPU;
+weights fp32/bf16 tensors or packed objects from quantize(w, "int8" | "int4").
+"""
+from .expert_ffn import expert_ffn, expert_ffn_reference, weight_nbytes
+from .membw import read_bandwidth_gbps
+from .numba_util import max_threads, thread_cap
+from .quant import INT4_GROUP_SIZES, QUANT_SCHEMES, Int4Weight, Int8Weight, quantize
+
+__all__ = [
+    "expert_ffn", "expert_ffn_reference", "weight_nbytes",
+    "quantize", "Int8Weight", "Int4Weight", "QUANT_SCHEMES", "INT4_GROUP_SIZES",
+    "read_bandwidth_gbps", "thread_cap", "max_threads",
+]
+
+# Routing kernels (routing.py) export their names below.

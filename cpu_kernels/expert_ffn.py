@@ -1,0 +1,177 @@
+"""One SwiGLU expert on the CPU: y_TD = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T.
+
+Shape key: T tokens, D model dim, F expert hidden dim.
+
+    x_TD   float32 | bfloat16                     activations (output has the same dtype)
+    w13    [2F, D]: gate rows w1 = w13[:F], up rows w3 = w13[F:]
+    w2     [D, F]
+    each weight: float32 or bfloat16 tensor (read in place, bf16 widened in-kernel),
+                 or an Int8Weight / Int4Weight from `quantize`.
+
+Pipeline (every stage accumulates in fp32; weights are streamed once per call):
+
+    x_TD --(bf16? widen)--> xf_TD --matmul w13--> gu_T2F --swiglu--> h_TF
+         --matmul w2--> yf_TD --(bf16? round to nearest even)--> y_TD
+
+`expert_ffn` releases the GIL inside the kernels and may be called from several Python
+threads at once; see numba_util for the threading model and `num_threads`.
+`expert_ffn_reference` is the plain-torch definition the kernels are tested against.
+"""
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import expert_ffn_kernels as K
+from .numba_util import launch_guard, thread_cap
+from .quant import Int4Weight, Int8Weight
+
+__all__ = ["expert_ffn", "expert_ffn_reference", "weight_nbytes"]
+
+Weight = torch.Tensor | Int8Weight | Int4Weight
+
+# Intermediate buffers up to this size are kept per thread and reused (decode calls
+# allocate nothing); larger prefill buffers are allocated per call so idle threads do not
+# pin hundreds of MB.
+_WORKSPACE_KEEP_BYTES = 32 << 20
+_tls = threading.local()
+# Row chunks per thread: enough that a slow thread does not hold up a whole matmul.
+_CHUNKS_PER_THREAD = 8
+
+
+def _workspace(n: int) -> np.ndarray:
+    """A float32 buffer of at least n elements, reused per thread when small."""
+    if 4 * n > _WORKSPACE_KEEP_BYTES:
+        return np.empty(n, np.float32)
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1 << 16), np.float32)
+        _tls.buf = buf
+    return buf
+
+
+def _shape(w: Weight, name: str) -> tuple[int, int]:
+    if isinstance(w, (Int8Weight, Int4Weight)):
+        return tuple(w.shape)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, Int8Weight or Int4Weight, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{name} must be float32 or bfloat16 (or quantised with quantize()), got {w.dtype}")
+    if w.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {w.device}")
+    if not w.is_contiguous():
+        # A contiguous copy of an expert would double its memory traffic; make the caller decide.
+        raise ValueError(f"{name} must be contiguous (row-major [rows, cols]); got strides {w.stride()}")
+    return tuple(w.shape)
+
+
+def weight_nbytes(w: Weight) -> int:
+    """Bytes one application of ``w`` reads (dense: numel * itemsize; packed: data + scales)."""
+    if isinstance(w, (Int8Weight, Int4Weight)):
+        return w.nbytes
+    return w.numel() * w.element_size()
+
+
+def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
+    """out_TR = x_TK @ w.T with the kernel for w's format."""
+    nch = max(1, min(out_TR.shape[1], numba.get_num_threads() * _CHUNKS_PER_THREAD))
+    if isinstance(w, Int8Weight):
+        K.matmul_int8(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, nch)
+    elif isinstance(w, Int4Weight):
+        K.matmul_int4(x_TK, w.packed_RB.numpy(), w.scale_RG.numpy(), w.group_size, out_TR, nch)
+    elif w.dtype == torch.bfloat16:
+        K.matmul_bf16(x_TK, w.detach().view(torch.int16).numpy().view(np.uint16), out_TR, nch)
+    else:
+        K.matmul_f32(x_TK, w.detach().numpy(), out_TR, nch)
+
+
+def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None) -> tuple[int, int, int]:
+    if not isinstance(x_TD, torch.Tensor):
+        raise TypeError(f"x_TD must be a torch.Tensor, got {type(x_TD).__name__}")
+    if x_TD.dim() != 2:
+        raise ValueError(f"x_TD must be 2-D [tokens, model_dim], got shape {tuple(x_TD.shape)}")
+    if x_TD.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"x_TD must be float32 or bfloat16, got {x_TD.dtype}")
+    if x_TD.device.type != "cpu":
+        raise ValueError(f"x_TD must be on the CPU, got device {x_TD.device}")
+    T, D = x_TD.shape
+    r13, c13 = _shape(w13, "w13")
+    r2, c2 = _shape(w2, "w2")
+    if r13 % 2:
+        raise ValueError(f"w13 must stack gate and up rows, [2F, D], with an even row count; got {r13} rows")
+    F_ = r13 // 2
+    if c13 != D:
+        raise ValueError(f"w13 is [{r13}, {c13}] but x_TD has model dim {D}; expected w13 [2F, {D}]")
+    if (r2, c2) != (D, F_):
+        raise ValueError(f"w2 must be [D, F] = [{D}, {F_}] to match x_TD and w13, got [{r2}, {c2}]")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (T, D) or out.dtype != x_TD.dtype or out.device.type != "cpu":
+            raise ValueError(f"out must be a CPU {x_TD.dtype} tensor of shape ({T}, {D}); "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    return T, D, F_
+
+
+def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None = None, *,
+               num_threads: int | None = None) -> torch.Tensor:
+    """One SwiGLU expert: ``(silu(x @ w1.T) * (x @ w3.T)) @ w2.T`` with w13 = [w1; w3].
+
+    x_TD: [T, D] float32/bfloat16 CPU tensor (T may be 0). w13: [2F, D]; w2: [D, F];
+    each a contiguous float32/bfloat16 CPU tensor or an Int8Weight/Int4Weight.
+    out: optional [T, D] tensor of x's dtype to write into. Returns y_TD (x's dtype).
+    num_threads: cap on numba threads for this call, in the calling thread only
+    (None: the thread's current numba setting, by default all cores). Inference only:
+    no autograd.
+    """
+    T, D, F_ = _check(x_TD, w13, w2, out)
+    y_TD = out if out is not None else torch.empty((T, D), dtype=x_TD.dtype)
+    if T == 0 or D == 0:
+        return y_TD
+    if F_ == 0:  # no hidden units: the expert maps everything to zero
+        return y_TD.zero_()
+    x_TD = x_TD.detach().contiguous()
+    bf16 = x_TD.dtype == torch.bfloat16
+    # Layout of the workspace: gu_T2F | h_TF | (bf16 only) xf_TD | yf_TD.
+    n_mid = T * 3 * F_
+    ws = _workspace(n_mid + (2 * T * D if bf16 else 0))
+    gu_T2F = ws[: 2 * T * F_].reshape(T, 2 * F_)
+    h_TF = ws[2 * T * F_: n_mid].reshape(T, F_)
+    if bf16:
+        xf_TD = ws[n_mid: n_mid + T * D].reshape(T, D)
+        yf_TD = ws[n_mid + T * D: n_mid + 2 * T * D].reshape(T, D)
+    else:
+        xf_TD = x_TD.numpy()
+        yf_TD = y_TD.numpy()
+    with thread_cap(num_threads), launch_guard():
+        if bf16:
+            K.widen_bf16(x_TD.view(torch.int16).numpy().view(np.uint16), xf_TD)
+        _matmul(xf_TD, w13, gu_T2F)
+        K.swiglu_rows(gu_T2F, h_TF)
+        _matmul(h_TF, w2, yf_TD)
+        if bf16:
+            K.narrow_to_bf16(yf_TD, y_TD.view(torch.int16).numpy().view(np.uint16))
+    return y_TD
+
+
+def _dense_f32(w: Weight) -> torch.Tensor:
+    if isinstance(w, (Int8Weight, Int4Weight)):
+        return w.dequantize(torch.float32)
+    return w.to(torch.float32)
+
+
+def expert_ffn_reference(x_TD: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
+    """Plain-torch definition of `expert_ffn` (fp32 math; quantised weights dequantised)."""
+    T, D, F_ = _check(x_TD, w13, w2, None)
+    w13_2FD, w2_DF = _dense_f32(w13), _dense_f32(w2)
+    gu_T2F = x_TD.to(torch.float32) @ w13_2FD.T
+    h_TF = F.silu(gu_T2F[:, :F_]) * gu_T2F[:, F_:]
+    return (h_TF @ w2_DF.T).to(x_TD.dtype)

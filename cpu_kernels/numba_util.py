@@ -1,0 +1,107 @@
+"""Numba plumbing shared by the CPU kernels: cached JIT that tolerates read-only trees,
+a per-call thread cap, and a guard that keeps concurrent launches safe.
+
+Threading model
+---------------
+Every kernel here is compiled with ``nogil=True, parallel=True``. Several Python threads
+may call them at once (the runtime runs several CPU experts on a thread pool). Whether
+that is safe depends on numba's threading layer, chosen once per process at the first
+parallel launch:
+
+* ``omp`` and ``tbb`` accept concurrent launches from many threads; each launch gets its
+  own team, so calls really run in parallel.
+* ``workqueue`` (the fallback when neither OpenMP nor TBB can be loaded) aborts the
+  process on concurrent launches. Under it, :func:`launch_guard` serialises launches with
+  a process-wide lock: correct, but experts then run one at a time.
+
+``numba.set_num_threads`` is thread-local: a cap set in one Python thread does not affect
+launches from another. :func:`thread_cap` sets it for the duration of one call and
+restores the caller's previous value, so a pool of workers can each use, e.g., 1 thread
+while the main thread keeps all cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import numba
+
+__all__ = ["njit_kernel", "thread_cap", "launch_guard", "max_threads"]
+
+_launch_lock = threading.Lock()
+# None until the first launch has picked a layer; then True when launches must be serialised.
+_serialise: bool | None = None
+
+
+# Reassociation lets LLVM vectorise fp32 dot-product reductions (several partial sums);
+# contraction allows FMA. NaN/inf semantics stay IEEE (no nnan/ninf), so bad values
+# propagate instead of being optimised away.
+FASTMATH = frozenset({"reassoc", "contract"})
+
+
+def njit_kernel(*, parallel: bool = True, fastmath: bool | frozenset = FASTMATH) -> Callable:
+    """``numba.njit(nogil=True, cache=True, ...)`` that falls back to ``cache=False``.
+
+    Numba raises at decoration time when no cache location is writable (read-only
+    install, no writable home); the kernels must still import and run there, only
+    compiling on every start.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        opts = dict(nogil=True, parallel=parallel, fastmath=set(fastmath) if isinstance(fastmath, frozenset) else fastmath,
+                    error_model="numpy")
+        try:
+            return numba.njit(cache=True, **opts)(fn)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+            warnings.warn(f"numba cache unavailable for {fn.__name__} ({exc}); compiling without cache",
+                          RuntimeWarning, stacklevel=2)
+            return numba.njit(cache=False, **opts)(fn)
+
+    return deco
+
+
+def max_threads() -> int:
+    """Upper bound for a thread cap: numba's pool size (NUMBA_NUM_THREADS, default all cores)."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+@contextlib.contextmanager
+def thread_cap(num_threads: int | None) -> Iterator[None]:
+    """Run the body with at most ``num_threads`` numba threads in the *calling* thread.
+
+    None leaves the caller's current setting untouched. Other Python threads are not
+    affected (numba's setting is thread-local).
+    """
+    if num_threads is None:
+        yield
+        return
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads must be an int or None, got {num_threads!r}")
+    limit = max_threads()
+    if not 1 <= num_threads <= limit:
+        raise ValueError(f"num_threads must be in 1..{limit} (NUMBA_NUM_THREADS), got {num_threads}")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def launch_guard() -> Iterator[None]:
+    """Serialise kernel launches only when numba's threading layer cannot take concurrent ones."""
+    global _serialise
+    if _serialise is False:
+        yield
+        return
+    with _launch_lock:
+        yield
+        if _serialise is None:
+            try:
+                layer = numba.threading_layer()
+            except ValueError:  # no parallel launch happened yet inside the body
+                return
+            _serialise = layer == "workqueue"
