@@ -20,7 +20,9 @@ the roofline through them matches the end points and is optimistic near the ridg
 """
 from __future__ import annotations
 
+import functools
 import math
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ import torch
 
 from moe.scheduler.cost_model import AnalyticCostModel
 
-__all__ = ["CalibrationConfig", "calibrate", "fit_roofline"]
+__all__ = ["CalibrationConfig", "calibrate", "fit_roofline", "measure_read_gbps", "measure_matmul_gflops", "measure_h2d"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,7 +44,8 @@ class CalibrationConfig:
     device: "cpu" or "cuda" (the fast tier to calibrate besides the CPU).
     dtype: weight dtype of the expert and matmul measurements ("bfloat16" or "float32").
     quick: small buffers and few repeats (seconds; for tests and smoke runs).
-    threads: torch CPU threads during the measurements (None: leave torch's setting).
+    threads: CPU threads during the measurements, for torch and the Numba expert kernel
+        (None: their current settings, by default all cores).
     """
 
     device: str = "cpu"
@@ -116,7 +119,7 @@ def _median_time(
     return statistics.median(times)
 
 
-def _expert_fn(device: str) -> tuple[Callable, str]:
+def _expert_fn(device: str, threads: int | None) -> tuple[Callable, str]:
     """The expert FFN to time: the project's CPU kernel when present, else plain torch."""
     if device == "cpu":
         try:
@@ -124,7 +127,7 @@ def _expert_fn(device: str) -> tuple[Callable, str]:
         except ImportError:
             pass
         else:
-            return expert_ffn, "moe.cpu_kernels.expert_ffn"
+            return functools.partial(expert_ffn, num_threads=threads), "moe.cpu_kernels.expert_ffn"
 
     def torch_expert(x_TD, w13_2FD, w2_DF):
         f = w2_DF.shape[1]
@@ -138,7 +141,7 @@ def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], Non
     """Expert FFN timings on `device`: per-token-count medians, call latency, fitted rates."""
     dtype = _DTYPES[cfg.dtype]
     d, f = cfg.expert_dims
-    fn, impl = _expert_fn(device)
+    fn, impl = _expert_fn(device, cfg.threads)
     nbytes = 3 * d * f * torch.finfo(dtype).bits // 8
     pool = max(2, math.ceil(cfg.pool_bytes / nbytes))
     gen = torch.Generator().manual_seed(0)
@@ -172,40 +175,43 @@ def _probe_item(tokens: int, nbytes: int, fpt: int):
     return WorkItem(key="probe", tokens=tokens, weight_bytes=nbytes, flops_per_token=fpt)
 
 
-def _measure_stream(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> float:
-    """Read bandwidth (GB/s) of a reduction over a buffer far larger than the caches."""
+def _sync_for(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def measure_read_gbps(device: str = "cpu", *, nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Read bandwidth (GB/s) of `device` memory: a reduction over a buffer far larger than the caches."""
     if device == "cpu":
         try:
             from moe.cpu_kernels.membw import read_bandwidth_gbps
         except ImportError:
             pass
         else:
-            return read_bandwidth_gbps(cfg.stream_bytes, repeats=cfg.repeats)
-    a_N = torch.ones(cfg.stream_bytes // 4, dtype=torch.float32, device=device)
-    secs = _median_time(lambda r: a_N.sum(), cfg.repeats, sync)
+            return read_bandwidth_gbps(nbytes, repeats=repeats)
+    a_N = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    secs = _median_time(lambda r: a_N.sum(), repeats, _sync_for(device))
     return a_N.numel() * 4 / secs / 1e9
 
 
-def _measure_matmul(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> float:
-    """Dense matmul rate (GFLOP/s) in the weight dtype."""
-    n = (256 if cfg.quick else 1024) if device == "cpu" else (2048 if cfg.quick else 8192)
-    dtype = _DTYPES[cfg.dtype]
+def measure_matmul_gflops(device: str = "cpu", *, n: int = 1024, dtype: torch.dtype = torch.bfloat16,
+                          repeats: int = 7) -> float:
+    """Dense n x n x n matmul rate (GFLOP/s) on `device` in `dtype`."""
     a = torch.randn(n, n).to(device=device, dtype=dtype)
     b = torch.randn(n, n).to(device=device, dtype=dtype)
-    secs = _median_time(lambda r: a @ b, cfg.repeats, sync)
+    secs = _median_time(lambda r: a @ b, repeats, _sync_for(device))
     return 2 * n**3 / secs / 1e9
 
 
-def _measure_copy(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> tuple[float, float]:
-    """(GB/s, per-copy seconds) of host->device copies; from pinned memory on CUDA, memcpy on CPU."""
-    nbytes = (32 << 20) if cfg.quick else (512 << 20)
+def measure_h2d(device: str = "cpu", *, nbytes: int = 512 << 20, repeats: int = 7) -> tuple[float, float]:
+    """(GB/s, seconds per small copy) of host->device copies: from pinned memory on CUDA, memcpy on CPU."""
     pin = device == "cuda"
+    sync = _sync_for(device)
     src = torch.ones(nbytes // 4, dtype=torch.float32, pin_memory=pin)
     dst = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    secs = _median_time(lambda r: dst.copy_(src, non_blocking=pin), cfg.repeats, sync)
+    secs = _median_time(lambda r: dst.copy_(src, non_blocking=pin), repeats, sync)
     small_src = torch.ones(1024, dtype=torch.float32, pin_memory=pin)
     small_dst = torch.empty(1024, dtype=torch.float32, device=device)
-    call_s = _median_time(lambda r: small_dst.copy_(small_src, non_blocking=pin), cfg.repeats, sync)
+    call_s = _median_time(lambda r: small_dst.copy_(small_src, non_blocking=pin), repeats, sync)
     return nbytes / max(secs - call_s, 1e-9) / 1e9, call_s
 
 
@@ -216,12 +222,17 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
         torch.set_num_threads(cfg.threads)
     try:
         t0 = time.perf_counter()
-        no_sync = lambda: None  # noqa: E731
-        cpu_expert = _measure_experts(cfg, "cpu", no_sync)
-        cpu_bw = _measure_stream(cfg, "cpu", no_sync)
-        cpu_gflops = _measure_matmul(cfg, "cpu", no_sync)
+        dtype = _DTYPES[cfg.dtype]
+        copy_bytes = (32 << 20) if cfg.quick else (512 << 20)
+        threads = cfg.threads or torch.get_num_threads()
+        cpu_expert = _measure_experts(cfg, "cpu", _sync_for("cpu"))
+        if cfg.threads is not None:
+            # Numba's OpenMP layer shares the thread count with torch; set it again.
+            torch.set_num_threads(cfg.threads)
+        cpu_bw = measure_read_gbps("cpu", nbytes=cfg.stream_bytes, repeats=cfg.repeats)
+        cpu_gflops = measure_matmul_gflops("cpu", n=256 if cfg.quick else 1024, dtype=dtype, repeats=cfg.repeats)
         measurements = {
-            "cpu_threads": torch.get_num_threads(), "dtype": cfg.dtype, "quick": cfg.quick,
+            "cpu_threads": threads, "dtype": cfg.dtype, "quick": cfg.quick,
             "cpu_stream_read_gbps": cpu_bw, "cpu_matmul_gflops": cpu_gflops, "cpu_expert": cpu_expert,
         }
         cpu_rates = dict(cpu_read_gbps=cpu_bw, cpu_gflops=cpu_gflops, cpu_call_s=cpu_expert["call_s"])
@@ -229,11 +240,10 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
             cpu_read_gbps=cpu_expert["read_gbps"], cpu_gflops=cpu_expert["gflops"], cpu_call_s=cpu_expert["call_s"]
         )
         if cfg.device == "cuda":
-            sync = torch.cuda.synchronize
-            dev_expert = _measure_experts(cfg, "cuda", sync)
-            dev_bw = _measure_stream(cfg, "cuda", sync)
-            dev_gflops = _measure_matmul(cfg, "cuda", sync)
-            h2d_gbps, copy_call_s = _measure_copy(cfg, "cuda", sync)
+            dev_expert = _measure_experts(cfg, "cuda", _sync_for("cuda"))
+            dev_bw = measure_read_gbps("cuda", nbytes=cfg.stream_bytes, repeats=cfg.repeats)
+            dev_gflops = measure_matmul_gflops("cuda", n=2048 if cfg.quick else 8192, dtype=dtype, repeats=cfg.repeats)
+            h2d_gbps, copy_call_s = measure_h2d("cuda", nbytes=copy_bytes, repeats=cfg.repeats)
             measurements.update(device_stream_read_gbps=dev_bw, device_matmul_gflops=dev_gflops, device_expert=dev_expert)
             dev_rates = dict(device_read_gbps=dev_bw, device_gflops=dev_gflops, device_call_s=dev_expert["call_s"])
             expert_rates.update(
@@ -241,12 +251,10 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
                 device_call_s=dev_expert["call_s"],
             )
         else:
-            h2d_gbps, copy_call_s = _measure_copy(cfg, "cpu", no_sync)
+            h2d_gbps, copy_call_s = measure_h2d("cpu", nbytes=copy_bytes, repeats=cfg.repeats)
             dev_rates = {k.replace("cpu_", "device_"): v for k, v in cpu_rates.items()}
             expert_rates.update({k.replace("cpu_", "device_"): v for k, v in list(expert_rates.items())})
         measurements.update(h2d_gbps=h2d_gbps, copy_call_s=copy_call_s, seconds=time.perf_counter() - t0)
-        import socket
-
         model = AnalyticCostModel(
             **cpu_rates, **dev_rates, h2d_gbps=h2d_gbps, copy_call_s=copy_call_s,
             per_kind={"expert": expert_rates}, dtype=cfg.dtype, source=f"calibrated:{socket.gethostname()}",
