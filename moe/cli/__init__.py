@@ -20,7 +20,13 @@ class CliError(Exception):
 
 
 def _register(sub, module: str) -> None:
-    importlib.import_module(module).register(sub)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return
+    mod.register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,6 @@
 """`moe bench SUITE ...`: cache and predictor replays, all-to-all replay, decode benchmark."""
 from __future__ import annotations
 
-import importlib
-
 # Each suite is a module moe.cli.bench_<name> with `register(subparsers)`.
 _SUITES = ("cache", "predictor", "a2a", "decode")
 
@@ -11,5 +9,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="run benchmarks and policy replays")
     suites = p.add_subparsers(dest="suite", metavar="SUITE")
     suites.required = True
+    from moe.cli import _register
+
     for name in _SUITES:
-        importlib.import_module(f"moe.cli.bench_{name}").register(suites)
+        _register(suites, f"moe.cli.bench_{name}")
