@@ -278,7 +278,9 @@ class GenerationEngine:
         if cfg.temperature > 0:
             processors.append(_GumbelSampler(cfg.temperature, [_row_seed(cfg.seed, r.id) for r in records]))
         start = time.perf_counter()
-        with torch.inference_mode():
+        # no_grad rather than inference_mode: buffers the runtime allocates lazily during this
+        # call must stay usable by later calls made outside inference mode.
+        with torch.no_grad():
             out_BT = self.model.generate(
                 input_ids=input_ids_BS.to(self.device),
                 attention_mask=attention_mask_BS.to(self.device),
