@@ -122,9 +122,9 @@ def moe_flops(T, K, D, F):
 def time_ms(fn, *, graph=False):
     import triton.testing as tt
 
-    if graph:
-        with torch.cuda.stream(torch.cuda.Stream()):
-            return float(tt.do_bench_cudagraph(fn, rep=100))
+    if graph:  # replays from a CUDA graph: no Python launch cost, no L2 flush between calls
+        return float(tt.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    # Eager: Triton flushes L2 before each call, so weights are read from HBM every time.
     return float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
