@@ -182,7 +182,8 @@ def _fused_moe_checked(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, exp
     upcast = _INTERPRETED and wdt == torch.bfloat16
 
     act_PF = torch.empty((num_pairs, F), dtype=wdt, device=device)  # rows indexed by pair t*K+k
-    cfg1 = _fit(config.gate_up, device, wdt.itemsize, wdt.itemsize, b_tiles=2)
+    # x tiles are staged in x's dtype and widened or narrowed after the load.
+    cfg1 = _fit(config.gate_up, device, x_TD.element_size(), wdt.itemsize, b_tiles=2)
     grid1 = (num_pid_m * triton.cdiv(F, cfg1.block_n),)
     _gate_up_kernel[grid1](
         x_TD, w13_E2FD, act_PF, sorted_ids_P, expert_ids_B, num_post,

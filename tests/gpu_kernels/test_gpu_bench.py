@@ -71,3 +71,15 @@ def test_bad_arguments_are_named(bench):
         bench._parse(["--decode-tokens", "1,x"])
     args = bench._parse(["--shapes", "mixtral-8x7b", "--decode-tokens", "1,4"])
     assert args.shapes == ["mixtral-8x7b"] and args.decode_tokens == [1, 4]
+
+
+@pytest.mark.gpu
+def test_benchmark_runs_on_gpu():
+    """On a GPU a reduced benchmark run ends with a JSON line holding measured rates and both regimes."""
+    cmd = [sys.executable, str(_BENCH), "--shapes", "deepseek-v2-lite", "--decode-tokens", "1,16",
+           "--prefill-tokens", "512"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["hbm_gbps"] > 0 and last["matmul_tflops"] > 0
+    assert [r["T"] for r in last["decode"]] == [1, 16] and [r["T"] for r in last["prefill"]] == [512]
+    assert all(r["max_rel_err_vs_loop"] < 5e-2 for r in last["decode"] + last["prefill"])
