@@ -1,0 +1,123 @@
+"""`moe launch`: expert-parallel generate through torchrun, sharding and merging, failures."""
+import argparse
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moe.cli import CliError, launch
+from moe.comms.placement import ExpertPlacement
+
+# The launcher as a user runs it, parsing `moe launch` only (one line per error, exit 2).
+_LAUNCHER = """
+import argparse, sys
+from moe.cli import CliError, launch
+p = argparse.ArgumentParser(prog="moe")
+launch.register(p.add_subparsers(dest="command"))
+a = p.parse_args(["launch", *sys.argv[1:]])
+try:
+    sys.exit(a.func(a))
+except (CliError, ValueError, FileNotFoundError) as exc:
+    print(f"moe launch: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+PROMPTS = [{"id": "a", "prompt": "Hello"}, {"id": 7, "prompt": "def f(x):"}, {"id": "c", "prompt": "MoE"},
+           {"id": "d", "prompt": "x" * 11}, {"id": "e", "prompt": "1 2 3"}]
+
+
+def _launch_in_process(argv):
+    parser = argparse.ArgumentParser(prog="moe")
+    launch.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["launch", *argv])
+    return args.func(args)
+
+
+def _env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def _write_prompts(path):
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+
+
+def test_launch_generate_matches_single_process_and_resumes(tmp_path):
+    """Two EP ranks with replicated experts give the single-process completions, every id once, resuming a partial output."""
+    from moe.generate import GenerateConfig
+    from moe.generate_job import GenerateJob, run_job
+
+    _write_prompts(tmp_path / "in.jsonl")
+    gen = GenerateConfig(max_new_tokens=6, batch_size=2)
+    run_job(GenerateJob(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "ref.jsonl"), device="cpu",
+                        generation=gen, progress=False), log=lambda m: None)
+    want = (tmp_path / "ref.jsonl").read_text().splitlines()
+    assert len(want) == len(PROMPTS)
+    placement = ExpertPlacement.contiguous(4, 8, 2).with_replicas(torch.arange(32.0).reshape(4, 8), 1)
+    placement.save(tmp_path / "placement.json")
+    (tmp_path / "out.jsonl").write_text(want[0] + "\n")  # a run that stopped after one result
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, "--nproc-per-node", "2", "--placement", str(tmp_path / "placement.json"),
+         "--group-timeout", "60", "--timeout", "120", "--", "generate", "--input", str(tmp_path / "in.jsonl"),
+         "--output", str(tmp_path / "out.jsonl"), "--resume", "--max-new-tokens", "6", "--batch-size", "2",
+         "--device", "cpu"],
+        env=_env(), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in got] == [json.loads(x) for x in want]
+    assert "4 prompts over 2 ranks (2, 2)" in proc.stderr and time.monotonic() - t0 < 120
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".moe-launch-")]
+
+
+def test_launch_fails_fast_when_a_rank_dies(tmp_path):
+    """Killing one rank mid-run ends the launcher with a non-zero exit and a message, well within the timeouts."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, "--nproc-per-node", "2", "--group-timeout", "20", "--self-check", "100000"],
+        env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    pid, seen, deadline = None, "", time.monotonic() + 60
+    try:
+        while pid is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+            line = proc.stderr.readline() if ready else ""
+            seen += line
+            if "rank 1/2 (pid " in line and "self-check" in line:
+                pid = int(line.split("(pid ")[1].split(")")[0])
+        assert pid is not None, seen[-2000:]
+        time.sleep(1.0)  # let it reach the collectives
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 45
+    assert "moe launch: error: a rank of the expert-parallel job failed or stopped responding" in rest
+
+
+def test_launch_refuses_bad_requests_before_starting(tmp_path):
+    """No command, a missing placement file, or an existing output without --resume fail at once with a message."""
+    _write_prompts(tmp_path / "in.jsonl")
+    (tmp_path / "out.jsonl").write_text('{"id": "a"}\n')
+    with pytest.raises(CliError, match="give the moe command to run after --"):
+        _launch_in_process(["--nproc-per-node", "2"])
+    with pytest.raises(FileNotFoundError, match="placement file"):
+        _launch_in_process(["--placement", str(tmp_path / "nope.json"), "--", "generate"])
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        _launch_in_process(["--nproc-per-node", "2", "--", "generate", "--input", str(tmp_path / "in.jsonl"),
+                            "--output", str(tmp_path / "out.jsonl")])
+    with pytest.raises(ValueError, match="cannot launch itself"):
+        _launch_in_process(["--", "launch"])
+
+
+def test_enable_needs_a_wrapped_model():
+    """Enabling EP on a model without HybridMoeBlocks names what is missing."""
+    from moe.ep import enable_expert_parallel
+
+    with pytest.raises(ValueError, match="has no HybridMoeBlock"):
+        enable_expert_parallel(torch.nn.Linear(2, 2))
