@@ -89,6 +89,8 @@ def run_job(job: GenerateJob, *, log: Callable[[str], None]) -> RunSummary | Non
 
     Returns the engine's summary, or None when nothing was left to do.
     """
+    if job.input == "-" and sys.stdin.isatty():
+        log("reading prompts from stdin, one JSON object per line; end with Ctrl-D (or pass --input FILE.jsonl)")
     records = read_prompts(job.input)
     done: set = set()
     if job.output is not None:
