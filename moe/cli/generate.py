@@ -30,9 +30,11 @@ def register(sub) -> None:
     )
     p.add_argument("--model", metavar="PATH|HUB_ID", default=None,
                    help="local checkpoint folder or Hugging Face Hub id (default: the built-in demo MoE)")
-    p.add_argument("--input", metavar="FILE.jsonl|-", default="-", help="prompts, one JSON object per line (default: stdin)")
+    p.add_argument("--input", metavar="FILE.jsonl|-", default="-",
+                   help="prompts, one JSON object per line (default: stdin)")
     p.add_argument("--output", metavar="FILE.jsonl", default=None, help="results (default: stdout)")
-    p.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="most tokens generated per prompt (default: 128)")
+    p.add_argument("--max-new-tokens", metavar="N", type=int, default=128,
+                   help="most tokens generated per prompt (default: 128)")
     p.add_argument("--gpu-memory", metavar="SIZE", default=None,
                    help="device budget for all weights, e.g. 8GiB; what the non-expert weights leave over becomes "
                         "expert cache (default: the loader's; for the demo, about half its experts fit)")
