@@ -39,16 +39,19 @@ def _need(candidates: Sequence[Key]) -> None:
 
 
 class ResidencyMixin:
-    """Tracks which keys are resident from on_insert / on_evict (subclasses call super)."""
+    """Tracks which keys are resident, per layer, from on_insert / on_evict."""
 
     def _init_residency(self) -> None:
-        self.resident: set[Key] = set()
+        self.resident: dict[int, set[Key]] = {}  # layer -> resident keys
 
     def _mark_insert(self, key: Key) -> None:
-        self.resident.add(key)
+        self.resident.setdefault(key[0], set()).add(key)
 
     def _mark_evict(self, key: Key) -> None:
-        self.resident.discard(key)
+        self.resident.get(key[0], set()).discard(key)
+
+    def is_resident(self, key: Key) -> bool:
+        return key in self.resident.get(key[0], ())
 
 
 class PrefetchMixin:
@@ -223,14 +226,14 @@ class PredictivePolicy(ResidencyMixin, PrefetchMixin, ScorePolicy):
             return []
         wanted: list[tuple[float, Key]] = []
         for layer, f_E in self._forecast.items():
-            residents = [k for k in self.resident if k[0] == layer]
+            residents = self.resident.get(layer, ())
             floor = min((self.value(k) for k in residents), default=0.0)
             order = np.argsort(-f_E, kind="stable")[: cfg.max_prefetch]
             for e in order.tolist():
                 key = (layer, e)
                 p = float(f_E[e])
                 # Worth a copy only if likely used now and worth more than what it displaces.
-                if key not in self.resident and p >= cfg.prefetch_threshold and self.value(key) > floor:
+                if not self.is_resident(key) and p >= cfg.prefetch_threshold and self.value(key) > floor:
                     wanted.append((p, key))
         wanted.sort(key=lambda pk: -pk[0])
         return [k for _, k in wanted]

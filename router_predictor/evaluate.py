@@ -14,7 +14,7 @@ import torch
 from moe.router_predictor.predictors import RoutingPredictor, contexts_for_layer, one_hot_experts
 from moe.router_predictor.trace import RoutingTrace
 
-__all__ = ["recall_at_k", "forecast_table", "make_forecaster"]
+__all__ = ["recall_at_k", "forecast_table", "out_of_fold_forecast_table", "make_forecaster"]
 
 
 def recall_at_k(predictor: RoutingPredictor, trace: RoutingTrace, *, ks: Sequence[int] = (1, 2, 4),
@@ -56,6 +56,30 @@ def forecast_table(predictor: RoutingPredictor, trace: RoutingTrace, depth: int 
     for l in range(L - 1):
         p = predictor.predict(contexts_for_layer(trace, l), depth)
         out[:, l, : p.shape[1]] = p.numpy()
+    return out
+
+
+def out_of_fold_forecast_table(fit: Callable[[RoutingTrace], RoutingPredictor], trace: RoutingTrace,
+                               depth: int = 1, folds: int = 2) -> np.ndarray:
+    """Like forecast_table, but each sequence is forecast by a predictor fitted without it.
+
+    Sequences are dealt round-robin into `folds` groups; a trace with fewer sequences is
+    first cut into `folds` contiguous pieces. Used to tune policies on a trace whose own
+    predictor would otherwise have memorised it.
+    """
+    if folds < 2:
+        raise ValueError(f"out-of-fold forecasts need folds >= 2, got {folds}")
+    if trace.num_sequences < folds:
+        cuts = np.linspace(0, trace.num_tokens, folds + 1).round().astype(np.int64)
+        trace = RoutingTrace(expert_ids=trace.expert_ids, seq_starts=torch.from_numpy(cuts), weights=trace.weights,
+                             num_experts=trace.num_experts, top_k=trace.top_k, model=trace.model, source=trace.source)
+    starts = trace.seq_starts.tolist()
+    out = np.zeros((trace.num_tokens, trace.num_layers, depth, trace.num_experts))
+    for f in range(folds):
+        held = [s for s in range(trace.num_sequences) if s % folds == f]
+        rest = [s for s in range(trace.num_sequences) if s % folds != f]
+        rows = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in held])
+        out[rows] = forecast_table(fit(trace.select_sequences(rest)), trace.select_sequences(held), depth)
     return out
 
 

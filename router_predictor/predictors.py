@@ -126,11 +126,12 @@ class FrequencyPredictor(RoutingPredictor):
 
 @dataclass(kw_only=True)
 class TransitionConfig:
-    """history: source layers of the current token (l, l-1, ..); max_depth: farthest target
+    """history: source layers of the current token (l, l-1, ..; on Mixtral traces each further
+    layer kept adding recall up to about 8); max_depth: farthest target
     offset fitted; temporal: also use the predecessor token's routing at the target layer;
     alpha: add-alpha smoothing of every table."""
 
-    history: int = 2
+    history: int = 8
     max_depth: int = 3
     temporal: bool = True
     alpha: float = 0.5
