@@ -12,7 +12,8 @@ What is measured (medians unless said otherwise; each number lands in the profil
 - a tiny expert call -> cpu_call_s (the fixed cost of one call);
 - with device="cuda": the same on the device (read bandwidth, matmul, expert FFN, call
   latency) and pinned host->device copies -> h2d_gbps, copy_call_s;
-- with device="cpu": the "device" is the CPU itself and a "copy" is a host memcpy.
+- with device="cpu": the "device" is the CPU itself running the plain-torch expert (what
+  the runtime's device path runs there), and a "copy" is a host memcpy.
 
 Rates are "best achieved": bandwidth from the call that reached the most bytes per
 second (one token), FLOP rate from the call that reached the most FLOP/s (most tokens);
@@ -119,9 +120,9 @@ def _median_time(
     return statistics.median(times)
 
 
-def _expert_fn(device: str, threads: int | None) -> tuple[Callable, str]:
-    """The expert FFN to time: the project's CPU kernel when present, else plain torch."""
-    if device == "cpu":
+def _expert_fn(device: str, threads: int | None, kernel: bool = True) -> tuple[Callable, str]:
+    """The expert FFN to time: the project's CPU kernel when present (and `kernel`), else plain torch."""
+    if device == "cpu" and kernel:
         try:
             from moe.cpu_kernels.expert_ffn import expert_ffn
         except ImportError:
@@ -137,11 +138,11 @@ def _expert_fn(device: str, threads: int | None) -> tuple[Callable, str]:
     return torch_expert, "torch"
 
 
-def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], None]) -> dict:
+def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], None], kernel: bool = True) -> dict:
     """Expert FFN timings on `device`: per-token-count medians, call latency, fitted rates."""
     dtype = _DTYPES[cfg.dtype]
     d, f = cfg.expert_dims
-    fn, impl = _expert_fn(device, cfg.threads)
+    fn, impl = _expert_fn(device, cfg.threads, kernel)
     nbytes = 3 * d * f * torch.finfo(dtype).bits // 8
     pool = max(2, math.ceil(cfg.pool_bytes / nbytes))
     gen = torch.Generator().manual_seed(0)
@@ -251,9 +252,18 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
                 device_call_s=dev_expert["call_s"],
             )
         else:
+            # The "device" of a CPU-only run computes its experts with plain torch (the
+            # fused-MoE reference), not with the CPU kernel: time that path.
+            dev_expert = _measure_experts(cfg, "cpu", _sync_for("cpu"), kernel=False)
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
             h2d_gbps, copy_call_s = measure_h2d("cpu", nbytes=copy_bytes, repeats=cfg.repeats)
+            measurements.update(device_expert=dev_expert)
             dev_rates = {k.replace("cpu_", "device_"): v for k, v in cpu_rates.items()}
-            expert_rates.update({k.replace("cpu_", "device_"): v for k, v in list(expert_rates.items())})
+            expert_rates.update(
+                device_read_gbps=dev_expert["read_gbps"], device_gflops=dev_expert["gflops"],
+                device_call_s=dev_expert["call_s"],
+            )
         measurements.update(h2d_gbps=h2d_gbps, copy_call_s=copy_call_s, seconds=time.perf_counter() - t0)
         model = AnalyticCostModel(
             **cpu_rates, **dev_rates, h2d_gbps=h2d_gbps, copy_call_s=copy_call_s,
