@@ -70,6 +70,15 @@ ALIGN_CASES = [
     ]
 ]
 
+# Bad calls of the Triton ops: (case, substring the raised message must contain).
+ERROR_CASES = [
+    (dict(name="err_align_block_not_pow2", op="align", T=5, K=2, E=4, block_size=24, map="none"), "power of two"),
+    (dict(name="err_fused_id_out_of_range", op="fused", T=5, E=4, K=2, dtype=torch.float32, map="none",
+          config=SMALL_CFG, bump_id=True), "topk_ids_TK holds expert ids"),
+    (dict(name="err_fused_map_value", op="fused", T=5, E=4, K=2, dtype=torch.float32, map="partial",
+          config=SMALL_CFG, bad_map=True), "expert_map_E holds values"),
+]
+
 
 def _map(kind: str, E: int, g: torch.Generator):
     """(number of global experts G, expert_map or None) for a map kind."""
@@ -133,6 +142,18 @@ def interpreted(tmp_path_factory):
         inputs[case["name"]] = _fused_inputs(case, 2000 + i)
         cases.append({"name": case["name"], "op": "fused", "config": case["config"],
                       "transposed_weights": bool(case.get("transposed"))})
+    for i, (case, _) in enumerate(ERROR_CASES):
+        if case["op"] == "align":
+            inputs[case["name"]] = _align_inputs(case, 3000 + i)
+            cases.append({"name": case["name"], "op": "align", "block_size": case["block_size"], "num_slots": case["E"]})
+            continue
+        arg = _fused_inputs(case, 3000 + i)
+        if case.get("bump_id"):
+            arg["topk_ids"][0, 0] = case["E"]
+        if case.get("bad_map"):
+            arg["expert_map"][0] = case["E"]
+        inputs[case["name"]] = arg
+        cases.append({"name": case["name"], "op": "fused", "config": case["config"]})
     folder = tmp_path_factory.mktemp("gpu_interpret")
     path_in, path_out = folder / "in.safetensors", folder / "out.safetensors"
     flat = {f"{name}/{k}": v.contiguous() for name, d in inputs.items() for k, v in d.items()}
@@ -184,3 +205,11 @@ def test_fused_moe_kernel_matches_reference(interpreted, case):
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
     if case["map"] == "empty":
         assert torch.count_nonzero(got) == 0
+
+
+@pytest.mark.parametrize("case,message", ERROR_CASES, ids=lambda c: c["name"] if isinstance(c, dict) else "")
+def test_triton_ops_reject_bad_input(interpreted, case, message):
+    """Bad block sizes, expert ids and map values make the Triton ops raise a message naming them."""
+    _, _, errors = interpreted
+    assert case["name"] in errors, "the call did not raise"
+    assert errors[case["name"]].startswith("ValueError") and message in errors[case["name"]]
