@@ -207,7 +207,7 @@ def test_fused_moe_kernel_matches_reference(interpreted, case):
         assert torch.count_nonzero(got) == 0
 
 
-@pytest.mark.parametrize("case,message", ERROR_CASES, ids=lambda c: c["name"] if isinstance(c, dict) else "")
+@pytest.mark.parametrize("case,message", ERROR_CASES, ids=[c["name"] for c, _ in ERROR_CASES])
 def test_triton_ops_reject_bad_input(interpreted, case, message):
     """Bad block sizes, expert ids and map values make the Triton ops raise a message naming them."""
     _, _, errors = interpreted
