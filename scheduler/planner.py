@@ -28,7 +28,7 @@ from collections.abc import Collection, Hashable, Sequence
 import numpy as np
 
 from moe.scheduler.cost_model import CostModel
-from moe.scheduler.makespan import LayerCosts, Timeline
+from moe.scheduler.makespan import LayerCosts
 from moe.scheduler.work import LayerPlan, Placement, WorkItem
 
 __all__ = ["plan_layer", "LayerPlanner", "RULES", "plan_from_device_set"]
@@ -144,6 +144,7 @@ def _flip_masks(n: int, k: int) -> np.ndarray:
     masks_GN.flags.writeable = False
     return masks_GN
 
+
 def _two_ended(costs: LayerCosts, limit: int) -> list[bool]:
     """HybriMoE's list schedule: device takes cached then high-load items, CPU takes low-load ones.
 
@@ -252,6 +253,8 @@ class LayerPlanner:
             raise ValueError(f"unknown scheduler rule {rule!r}; choose one of {', '.join(RULES)}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if copy_threshold_tokens < 1:
+            raise ValueError(f"copy_threshold_tokens must be >= 1, got {copy_threshold_tokens}")
         self.cost = cost
         self.rule = rule
         self.copy_threshold_tokens = copy_threshold_tokens
