@@ -105,6 +105,43 @@ def routing(T, E, K, *, seed=0, device="cpu"):
     return ids_TK.to(device), (w_TK / w_TK.sum(-1, keepdim=True)).to(device)
 
 
+def load_trace(path, *, layer):
+    """(expert ids, gating probs) per token of one layer from a routing-trace JSONL file.
+
+    Lines are JSON objects with "layer", "experts" (top-k ids) and "gating_probs", as vLLM
+    recorded for Mixtral-8x7B; lines of other layers are skipped.
+    """
+    ids, probs = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if rec["layer"] != layer:
+                    continue
+                ids.append([int(e) for e in rec["experts"]])
+                probs.append([float(p) for p in rec["gating_probs"]])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{n}: expected a JSON object with layer, experts and gating_probs ({exc})") from None
+            if len(ids[-1]) != len(probs[-1]) or len(ids[-1]) != len(ids[0]):
+                raise ValueError(f"{path}:{n}: experts and gating_probs must have the same top-k length throughout")
+    if not ids:
+        raise ValueError(f"{path}: no routing records for layer {layer}")
+    return torch.tensor(ids), torch.tensor(probs)
+
+
+def trace_routing(trace, T, E, K, *, device="cpu"):
+    """The trace's first T tokens (repeating it if shorter), weights renormalised over the top-k."""
+    ids_NK, probs_NK = trace
+    if ids_NK.shape[1] != K or int(ids_NK.max()) >= E or int(ids_NK.min()) < 0:
+        raise ValueError(f"trace routes top-{ids_NK.shape[1]} over experts [{int(ids_NK.min())}, {int(ids_NK.max())}]; "
+                         f"the shape needs top-{K} over [0, {E - 1}]")
+    rows = torch.arange(T) % ids_NK.shape[0]
+    w_TK = probs_NK[rows]
+    return ids_NK[rows].to(device), (w_TK / w_TK.sum(-1, keepdim=True)).to(device)
+
+
 def bytes_read(topk_ids_TK, D, F, itemsize):
     """Bytes a decode step must read: weights of the experts in use, plus activations in and out."""
     active = int(topk_ids_TK.unique().numel())
@@ -152,15 +189,23 @@ def _weights(shape, dtype, device, seed=0):
     return w13, w2
 
 
-def run_case(name, shape, T, dtype, device, w13, w2, hbm_gbps, mm_tflops):
+def _case_routing(shape, T, device, trace):
+    E, K = shape["E"], shape["K"]
+    if trace is not None and trace[0].shape[1] == K and int(trace[0].max()) < E:
+        return trace_routing(trace, T, E, K, device=device) + ("trace",)
+    return routing(T, E, K, seed=T, device=device) + ("random",)
+
+
+def run_case(name, shape, T, dtype, device, w13, w2, hbm_gbps, mm_tflops, trace=None):
     from moe.gpu_kernels import fused_moe
 
     E, K, D, F = shape["E"], shape["K"], shape["D"], shape["F"]
     x = torch.randn(T, D, device=device, dtype=dtype)
-    ids, weights = routing(T, E, K, seed=T, device=device)
+    ids, weights, source = _case_routing(shape, T, device, trace)
     ours = fused_moe(x, w13, w2, ids, weights)
     ref = moe_loop(x, w13, w2, ids, weights)
-    row = {"shape": name, "T": T, "E": E, "K": K, "D": D, "F": F,
+    row = {"shape": name, "T": T, "E": E, "K": K, "D": D, "F": F, "routing": source,
+           "active_experts": int(ids.unique().numel()),
            "max_rel_err_vs_loop": float((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)),
            "ours_ms": time_ms(lambda: fused_moe(x, w13, w2, ids, weights))}
     row["ours_graph_ms"] = time_ms(lambda: fused_moe(x, w13, w2, ids, weights), graph=True)
@@ -277,6 +322,10 @@ def _parse(argv):
     p.add_argument("--decode-tokens", default=",".join(map(str, DECODE_TOKENS)))
     p.add_argument("--prefill-tokens", default=",".join(map(str, PREFILL_TOKENS)))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--trace", type=Path, default=None,
+                   help="routing-trace JSONL (layer, experts, gating_probs per token) used for shapes with the "
+                        "same top-k and expert count, e.g. the Mixtral-8x7B HumanEval trace; default random routing")
+    p.add_argument("--trace-layer", type=int, default=16, help="which layer of --trace to replay")
     p.add_argument("--tune", action="store_true", help="search launch settings and write configs JSON files")
     p.add_argument("--tune-out", type=Path, default=Path(__file__).resolve().parent.parent / "gpu_kernels" / "configs")
     args = p.parse_args(argv)
@@ -310,6 +359,9 @@ def main(argv=None) -> int:
                                      dtype, device, args.tune_out)
         print(json.dumps(result))
         return 0
+    trace = load_trace(args.trace, layer=args.trace_layer) if args.trace else None
+    if trace is not None:
+        result["trace"] = {"file": args.trace.name, "layer": args.trace_layer, "tokens": int(trace[0].shape[0])}
     result["hbm_gbps"] = measure_hbm_gbps(device)
     result["matmul_tflops"] = measure_matmul_tflops(device, dtype)
     print(f"{result['device']}: copy {result['hbm_gbps']:.0f} GB/s, {args.dtype} mm {result['matmul_tflops']:.0f} TFLOP/s",
@@ -319,7 +371,7 @@ def main(argv=None) -> int:
         shape = SHAPES[name]
         w13, w2 = _weights(shape, dtype, device)
         for T in args.decode_tokens + args.prefill_tokens:
-            row = run_case(name, shape, T, dtype, device, w13, w2, result["hbm_gbps"], result["matmul_tflops"])
+            row = run_case(name, shape, T, dtype, device, w13, w2, result["hbm_gbps"], result["matmul_tflops"], trace)
             (decode if T <= 64 else prefill).append(row)
             frac = f"{row['frac_hbm_graph']:.2f} of HBM" if "frac_hbm" in row else f"{row['frac_matmul']:.2f} of mm"
             print(f"{name} T={T}: ours {row['ours_ms']:.3f} ms (graph {row['ours_graph_ms']:.3f}), "

@@ -83,3 +83,37 @@ def test_benchmark_runs_on_gpu():
     assert last["hbm_gbps"] > 0 and last["matmul_tflops"] > 0
     assert [r["T"] for r in last["decode"]] == [1, 16] and [r["T"] for r in last["prefill"]] == [512]
     assert all(r["max_rel_err_vs_loop"] < 5e-2 for r in last["decode"] + last["prefill"])
+
+
+_TRACE = Path("/work/shared/data/traces/mixtral-8x7b/humaneval_routing.jsonl")
+
+
+def test_real_trace_replays_as_routing(bench):
+    """The Mixtral HumanEval trace yields top-2 ids over 8 experts with weights summing to one."""
+    if not _TRACE.is_file():
+        pytest.skip("the Mixtral routing trace is not on this machine")
+    trace = bench.load_trace(_TRACE, layer=16)
+    ids, weights = bench.trace_routing(trace, 500, 8, 2)
+    assert ids.shape == weights.shape == (500, 2)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 8 and torch.all(ids[:, 0] != ids[:, 1])
+    torch.testing.assert_close(weights.sum(-1), torch.ones(500))
+    assert torch.equal(ids[trace[0].shape[0]], ids[0])  # shorter traces repeat
+
+
+def test_trace_errors_name_line_and_shape(bench, tmp_path):
+    """A malformed trace line is reported with its line number; a trace for other shapes is refused."""
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"layer": 0, "experts": [1, 2], "gating_probs": [0.5, 0.5]}\n{"layer": 0, "experts": 3}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2"):
+        bench.load_trace(bad, layer=0)
+    with pytest.raises(ValueError, match="no routing records for layer 5"):
+        bench.load_trace(_one_line(tmp_path), layer=5)
+    trace = bench.load_trace(_one_line(tmp_path), layer=0)
+    with pytest.raises(ValueError, match="top-6"):
+        bench.trace_routing(trace, 4, 64, 6)
+
+
+def _one_line(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"layer": 0, "experts": [1, 7], "gating_probs": [0.75, 0.25]}\n')
+    return path
