@@ -157,12 +157,14 @@ class PredictiveConfig:
     prefetch_threshold: prefetch a forecast expert whose forecast probability is at least
         this and above the victim's value; 1.0 or more disables prefetch.
     max_prefetch: prefetches per forecast layer and step, at most.
+    temporal_weight: weight of the online next-step estimate (see PredictivePolicy).
     """
 
     decay: float = 0.7
     forecast_weight: float = 1.0
     prefetch_threshold: float = 0.5
     max_prefetch: int = 1
+    temporal_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
@@ -173,6 +175,8 @@ class PredictiveConfig:
             raise ValueError(f"predictive prefetch_threshold must be >= 0, got {self.prefetch_threshold}")
         if self.max_prefetch < 0:
             raise ValueError(f"predictive max_prefetch must be >= 0, got {self.max_prefetch}")
+        if self.temporal_weight < 0:
+            raise ValueError(f"predictive temporal_weight must be >= 0, got {self.temporal_weight}")
 
 
 class PredictivePolicy(ResidencyMixin, PrefetchMixin, ScorePolicy):
@@ -184,6 +188,11 @@ class PredictivePolicy(ResidencyMixin, PrefetchMixin, ScorePolicy):
     forecast experts get `forecast_weight * p` added to their score, so that neither a
     demand miss elsewhere nor another prefetch evicts them, and the likeliest
     non-resident ones are requested for prefetch if they beat the entry they would evict.
+
+    Demand evictions at layer l decide what the *next* step of layer l finds, which no
+    forecast covers yet. For them the policy also keeps, per layer, counts of which experts
+    the step after a step with expert e used (learned online from the steps it has seen),
+    and adds `temporal_weight * P(e' next | this step's experts)` to each entry's value.
     """
 
     name = "predictive"
@@ -193,6 +202,9 @@ class PredictivePolicy(ResidencyMixin, PrefetchMixin, ScorePolicy):
         super().__init__(ScoreConfig(decay=cfg.decay))
         self.pconfig = cfg
         self._forecast: dict[int, np.ndarray] = {}  # layer -> [E], pending until the layer runs
+        self._follow: dict[int, np.ndarray] = {}  # layer -> [E, E] counts: e at a step, e' at the next
+        self._last_active: dict[int, list[int]] = {}
+        self._next: dict[int, np.ndarray] = {}  # layer -> [E], P(used at the layer's next step)
         self._init_residency()
 
     def observe_forecast(self, layer: int, scores_E: np.ndarray) -> None:
@@ -201,11 +213,31 @@ class PredictivePolicy(ResidencyMixin, PrefetchMixin, ScorePolicy):
     def observe_routing(self, layer: int, scores_E: np.ndarray | None, active: Sequence[int]) -> None:
         super().observe_routing(layer, scores_E, active)
         self._forecast.pop(layer, None)  # it was about this step, which has now come
+        if self.pconfig.temporal_weight == 0 or not len(active):
+            return
+        act = [int(e) for e in active]
+        n = max(len(scores_E) if scores_E is not None else 0, max(act) + 1)
+        counts = self._follow.get(layer)
+        if counts is None or counts.shape[0] < n:
+            grown = np.ones((n, n))  # add-one prior: unseen pairs are possible
+            if counts is not None:
+                grown[: counts.shape[0], : counts.shape[1]] = counts
+            counts = self._follow[layer] = grown
+        prev = self._last_active.get(layer)
+        if prev:
+            counts[np.ix_(prev, act)] += 1.0
+        self._last_active[layer] = act
+        rows = counts[act]
+        self._next[layer] = (rows / rows.sum(1, keepdims=True)).mean(0)
 
     def value(self, key: Key) -> float:
         layer, expert = key
+        cfg = self.pconfig
         f = self._forecast.get(layer)
-        bonus = self.pconfig.forecast_weight * float(f[expert]) if f is not None and expert < f.size else 0.0
+        bonus = cfg.forecast_weight * float(f[expert]) if f is not None and expert < f.size else 0.0
+        nx = self._next.get(layer)
+        if nx is not None and expert < nx.size:
+            bonus += cfg.temporal_weight * float(nx[expert])
         return self.score(key) + bonus
 
     def on_insert(self, key: Key) -> None:

@@ -179,3 +179,39 @@ def test_policy_prefetch_queue_order_cancel_reprioritise():
         q.pop()
     with pytest.raises(ValueError, match="NaN"):
         q.push((0, 0), float("nan"))
+
+
+def test_policy_predictive_learns_next_step_online():
+    """On a 3-cycle with 2 slots LRU never hits; the online next-step table reaches Belady."""
+    steps = [[i % 3] for i in range(60)]
+    cfg = ReplayConfig(capacity=2, num_experts=3)
+    ids = _one_layer(steps)
+    lru = replay(ids, make_policy("lru"), cfg).hits
+    pred = replay(ids, make_policy("predictive", prefetch_threshold=1.0, decay=0.0), cfg).hits
+    best = replay(ids, make_policy("belady", future_TLK=ids), cfg).hits
+    assert lru == 0 and best >= 28 and pred >= best - 3
+    off = replay(ids, make_policy("predictive", prefetch_threshold=1.0, decay=0.0, temporal_weight=0.0), cfg).hits
+    assert off < pred
+
+
+def test_policy_compare_tunes_on_fit_trace_only():
+    """compare_policies picks settings from the fit trace alone and reports every policy."""
+    from moe.expert_cache.compare import CompareConfig, ReplayTrace, compare_policies, tune_predictive
+
+    rng = np.random.default_rng(0)
+    fit_ids = np.stack([np.stack([rng.permutation(6)[:2] for _ in range(3)]) for _ in range(40)])
+    meas_ids = np.stack([np.stack([rng.permutation(6)[:2] for _ in range(3)]) for _ in range(30)])
+
+    def fc(t, l, ids_lK, prev):
+        return np.full((1, 6), 1.0 / 3)
+
+    fit = ReplayTrace(ids_TLK=fit_ids, seq_starts=[0, 40], forecaster=fc)
+    meas = ReplayTrace(ids_TLK=meas_ids, seq_starts=[0, 30], forecaster=fc)
+    cfg = CompareConfig(capacity=3, num_experts=6, thresholds=(0.3, 0.9), decays=(0.5,), max_prefetches=(1,))
+    out = compare_policies(meas, fit, cfg)
+    expect, _ = tune_predictive(fit, cfg)
+    assert out["tuned"]["predictive"]["prefetch_threshold"] == expect.prefetch_threshold
+    assert set(out["policies"]) == set(cfg.policies)
+    assert out["policies"]["belady"]["of_belady"] == 1.0
+    for r in out["policies"].values():
+        assert r["accesses"] == 30 * 3 * 2 and r["loads"] == r["misses"] + r["prefetches"]
