@@ -138,6 +138,6 @@ def launch_moe_align(topk_ids_TK, block_size: int, num_slots: int, expert_map_E=
         ids, emap, sorted_ids, expert_ids, num_post,
         num_pairs, num_global, num_slots, p_max, b_max,
         HAS_MAP=expert_map_E is not None, BLOCK_SIZE=block_size, CHUNK=_CHUNK,
-        SLOTS_POW2=triton.next_power_of_2(num_slots),
+        SLOTS_POW2=max(16, triton.next_power_of_2(num_slots)),  # tiny blocks gain nothing
     )
     return sorted_ids, expert_ids, num_post

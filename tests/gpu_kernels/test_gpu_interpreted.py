@@ -57,6 +57,7 @@ FUSED_CASES = [
     dict(name="odd_dims_block32_group2", T=33, E=8, K=2, dtype=torch.float16, map="none", D=33, F=17,
          config={"gate_up": {**SMALL, "block_m": 32, "group_m": 2}, "down": {**SMALL, "block_m": 32, "block_k": 32}}),
     dict(name="default_launch_table", T=5, E=8, K=2, dtype=torch.bfloat16, map="partial", config=None),
+    dict(name="single_slot", T=6, E=1, K=1, dtype=torch.float32, map="none", config=SMALL_CFG),
     dict(name="no_tokens", T=0, E=4, K=2, dtype=torch.float32, map="none", config=SMALL_CFG),
 ]
 
@@ -66,7 +67,8 @@ ALIGN_CASES = [
     for T, K, E, b, mk in [
         (1, 1, 4, 16, "none"), (1, 2, 8, 16, "partial"), (5, 2, 8, 16, "none"), (5, 1, 4, 32, "partial"),
         (33, 2, 8, 16, "partial"), (33, 2, 4, 64, "none"), (33, 1, 8, 16, "empty"), (300, 2, 8, 16, "none"),
-        (0, 2, 4, 16, "none"), (7, 2, 3, 16, "partial32"), (129, 2, 5, 32, "partial"),
+        (0, 2, 4, 16, "none"), (7, 2, 3, 16, "partial32"), (129, 2, 5, 32, "partial"), (6, 1, 1, 16, "none"),
+        (9, 2, 20, 16, "partial"),
     ]
 ]
 
