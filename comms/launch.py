@@ -1,10 +1,12 @@
 """Run a Python module on every rank through torchrun, with a bounded failure time.
 
 Why a job cannot hang: torchrun runs with `--max-restarts 0`, so when a rank dies its
-monitor stops the others and exits non-zero; a rank that hangs inside a collective is
-cut off by the process group's timeout (comms.group), raises, and torchrun then stops
-the rest; and an optional wall-clock limit here kills the whole process group of a job
-that overruns for any other reason.
+monitor stops the others and exits non-zero. When a rank hangs, the ranks waiting for it
+in a collective give up after the process group's timeout (comms.group) and exit
+non-zero, and torchrun stops the rest: SIGTERM, then SIGKILL for a rank frozen so hard
+that it ignores SIGTERM (after torchrun's fixed 30 s grace when a rank failed, after
+`shutdown_timeout_s` when the job is stopped from outside). An optional wall-clock limit here kills the
+whole process group of a job that overruns for any other reason.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class LaunchConfig:
     nproc_per_node: ranks on this node. nnodes: "N" or "MIN:MAX".
     timeout_s: wall-clock limit of the whole job (None: none beyond the group timeouts).
     monitor_interval_s: how often torchrun checks its workers.
+    shutdown_timeout_s: when the job is stopped from outside (timeout, Ctrl-C), how long
+        torchrun lets the ranks exit after SIGTERM before it kills them.
     extra: further torchrun options, passed through as given.
     """
 
@@ -38,6 +42,7 @@ class LaunchConfig:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     monitor_interval_s: float = 0.5
+    shutdown_timeout_s: int = 5
     timeout_s: float | None = None
     extra: tuple[str, ...] = field(default_factory=tuple)
 
@@ -46,8 +51,9 @@ class LaunchConfig:
             raise ValueError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
-        if not self.monitor_interval_s > 0:
-            raise ValueError(f"monitor interval must be > 0 seconds, got {self.monitor_interval_s}")
+        if not (self.monitor_interval_s > 0 and self.shutdown_timeout_s > 0):
+            raise ValueError("monitor interval and shutdown timeout must be > 0 seconds, got "
+                             f"{self.monitor_interval_s} and {self.shutdown_timeout_s}")
 
     @property
     def single_node(self) -> bool:
@@ -58,7 +64,8 @@ def torchrun_command(config: LaunchConfig, module: str, args: list[str]) -> list
     """argv of `python -m torch.distributed.run ... -m module args...`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc_per_node),
            "--nnodes", config.nnodes, "--max-restarts", "0",
-           "--monitor-interval", str(config.monitor_interval_s)]
+           "--monitor-interval", str(config.monitor_interval_s),
+           "--shutdown-timeout", str(config.shutdown_timeout_s)]
     if config.single_node:
         cmd.append("--standalone")
     for flag, value in (("--node-rank", config.node_rank), ("--master-addr", config.master_addr),

@@ -13,8 +13,10 @@ examples:
 Every rank holds the non-expert weights and runs attention on its share of the input;
 the experts of each MoE layer are spread over the ranks (--placement, from
 `moe bench a2a --save-placement`, or contiguous). For generate the prompts are dealt
-over the ranks and the results merged into one --output, every id once. A rank that
-dies or hangs stops the job within --group-timeout seconds with a non-zero exit.
+over the ranks and the results merged into one --output, every id once; results that
+finished before a failure are kept there, so --resume continues. A rank that dies stops
+the job at once; one that hangs stops it after --group-timeout seconds (plus up to 30 s
+for torchrun to kill a frozen process); either way the exit status is non-zero.
 """
 
 
