@@ -34,7 +34,7 @@ PREDICTOR_FORMAT = "moe-path-predictor/1"
 class LearnedConfig:
     """Model and training settings of the learned path predictor."""
 
-    history: int = 4
+    history: int = 8
     depth: int = 3
     hidden: int = 128
     layer_dim: int = 16

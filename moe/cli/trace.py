@@ -39,7 +39,7 @@ def register(sub) -> None:
     t.add_argument("--output", required=True, help="predictor file to write (.safetensors)")
     t.add_argument("--eval", default=None, help="trace to measure recall on (default: the training trace)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
-    t.add_argument("--history", type=int, default=None, help="layers of routing history (default 4)")
+    t.add_argument("--history", type=int, default=None, help="layers of routing history (default 8)")
     t.add_argument("--depth", type=int, default=None, help="layers predicted ahead (default 3)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
