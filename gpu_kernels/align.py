@@ -20,7 +20,7 @@ import triton.language as tl
 from .checks import check_align_inputs, check_index_values
 from .reference import max_padded_rows
 
-__all__ = ["moe_align", "launch_moe_align"]
+__all__ = ["moe_align", "launch_moe_align", "check_triton_device", "INTERPRETED"]
 
 # Pairs scanned per step; a power of two large enough that decode shapes take one step.
 _CHUNK = 256
@@ -92,6 +92,21 @@ def _moe_align_kernel(
             tl.store(expert_ids_ptr + blk, blk * 0 - 1, mask=blk < b_max)
 
 
+# Kernels decorated while TRITON_INTERPRET=1 are interpreter objects and take CPU tensors.
+INTERPRETED = type(_moe_align_kernel).__name__ == "InterpretedFunction"
+
+
+def check_triton_device(device: torch.device, op: str, reference: str) -> None:
+    """Raise unless the Triton kernels can run on `device` (CUDA, or CPU under the interpreter)."""
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+        return
+    raise ValueError(
+        f"{op} runs Triton kernels on CUDA tensors, got tensors on {device}; use {reference} "
+        "there, or set TRITON_INTERPRET=1 before triton is first imported to run the kernels "
+        "in Triton's interpreter on CPU"
+    )
+
+
 def moe_align(topk_ids_TK, block_size: int, num_slots: int, expert_map_E=None):
     """Triton alignment op; the same contract and outputs as `moe_align_reference`.
 
@@ -111,8 +126,13 @@ def moe_align(topk_ids_TK, block_size: int, num_slots: int, expert_map_E=None):
     check_align_inputs(topk_ids_TK, block_size, num_slots, expert_map_E)
     if block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two for the Triton kernel, got {block_size}")
-    if topk_ids_TK.device.type != "cuda":
+    device = topk_ids_TK.device
+    check_triton_device(device, "moe_align", "moe_align_reference")
+    if device.type != "cuda":
         check_index_values(topk_ids_TK, num_slots, expert_map_E)
+    elif device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return launch_moe_align(topk_ids_TK, block_size, num_slots, expert_map_E)
     return launch_moe_align(topk_ids_TK, block_size, num_slots, expert_map_E)
 
 

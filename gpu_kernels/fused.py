@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import launch_moe_align
+from .align import INTERPRETED, check_triton_device, launch_moe_align
 from .checks import check_index_values, check_moe_inputs
 from .launch_config import FusedMoELaunchConfig, GemmLaunchConfig, fit_shared_memory, get_launch_config
 
@@ -126,18 +126,11 @@ def _down_kernel(
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
-# Kernels decorated while TRITON_INTERPRET=1 are interpreter objects and take CPU tensors.
-_INTERPRETED = type(_gate_up_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = INTERPRETED  # same process-wide Triton mode as the alignment kernel
 
 
 def _check_device(device: torch.device) -> None:
-    if device.type == "cuda" or (device.type == "cpu" and _INTERPRETED):
-        return
-    raise ValueError(
-        f"fused_moe runs Triton kernels on CUDA tensors, got tensors on {device}; use "
-        "fused_moe_reference there, or set TRITON_INTERPRET=1 before triton is first imported "
-        "to run the kernels in Triton's interpreter on CPU"
-    )
+    check_triton_device(device, "fused_moe", "fused_moe_reference")
 
 
 def _fit(cfg: GemmLaunchConfig, device: torch.device, a_bytes: int, b_bytes: int, b_tiles: int):
@@ -166,6 +159,10 @@ def invoke_fused_moe(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, exper
 
 def _fused_moe_checked(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E, config):
     device = x_TD.device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        # Triton launches on the current device, which need not be the tensors' device.
+        with torch.cuda.device(device):
+            return _fused_moe_checked(x_TD, w13_E2FD, w2_EDF, topk_ids_TK, topk_weights_TK, expert_map_E, config)
     E, D, F = w2_EDF.shape
     T, K = topk_ids_TK.shape
     if device.type != "cuda":

@@ -154,22 +154,28 @@ def test_package_import_does_not_import_triton():
 
 _CPU_CALL = """
 import torch
-from moe.gpu_kernels import fused_moe
-try:
-    fused_moe(torch.randn(2, 8), torch.randn(2, 8, 8), torch.randn(2, 8, 4),
-              torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
-except ValueError as exc:
-    print(exc)
-else:
-    raise SystemExit("fused_moe accepted CPU tensors outside the interpreter")
+from moe.gpu_kernels import fused_moe, moe_align
+calls = {
+    "fused_moe": lambda: fused_moe(torch.randn(2, 8), torch.randn(2, 8, 8), torch.randn(2, 8, 4),
+                                   torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)),
+    "moe_align": lambda: moe_align(torch.zeros(2, 1, dtype=torch.long), 16, 2),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except ValueError as exc:
+        print(exc)
+    else:
+        raise SystemExit(name + " accepted CPU tensors outside the interpreter")
 """
 
 
 def test_fused_moe_on_cpu_without_interpreter_points_to_reference():
-    """Outside the interpreter, fused_moe on CPU tensors raises and names fused_moe_reference."""
+    """Outside the interpreter, the Triton ops on CPU tensors raise and name their references."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _CPU_CALL], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "fused_moe_reference" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+    assert "fused_moe_reference" in proc.stdout and "moe_align_reference" in proc.stdout
+    assert "TRITON_INTERPRET=1" in proc.stdout
