@@ -219,7 +219,7 @@ def run_case(name, shape, T, dtype, device, w13, w2, hbm_gbps, mm_tflops, trace=
         except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. grouped_mm unsupported on this GPU
             row[f"{base}_ms"] = None
             row[f"{base}_note"] = str(exc).splitlines()[0][:160]
-    row["speedup_vs_loop"] = row["loop_ms"] / row["ours_ms"]
+    row["speedup_vs_loop"] = row["loop_ms"] / row["ours_ms"] if row["loop_ms"] else None
     if T <= 64:
         row["bytes"] = bytes_read(ids, D, F, w13.element_size())
         row["ours_gbps"] = row["bytes"] / (row["ours_ms"] * 1e-3) / 1e9
@@ -237,7 +237,7 @@ def summarize(decode, prefill):
     if decode:
         out["decode_frac_hbm_min"] = min(r["frac_hbm"] for r in decode)
         out["decode_frac_hbm_graph_min"] = min(r["frac_hbm_graph"] for r in decode)
-        out["decode_speedup_vs_loop_min"] = min(r["speedup_vs_loop"] for r in decode)
+        out["decode_speedup_vs_loop_min"] = min((r["speedup_vs_loop"] or 0.0) for r in decode)
     if prefill:
         out["prefill_frac_matmul_min"] = min(r["frac_matmul"] for r in prefill)
     out["goals"] = GOALS
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
             (decode if T <= 64 else prefill).append(row)
             frac = f"{row['frac_hbm_graph']:.2f} of HBM" if "frac_hbm" in row else f"{row['frac_matmul']:.2f} of mm"
             print(f"{name} T={T}: ours {row['ours_ms']:.3f} ms (graph {row['ours_graph_ms']:.3f}), "
-                  f"loop {row['loop_ms']:.3f} ms, x{row['speedup_vs_loop']:.1f}, {frac}", flush=True)
+                  f"loop {row['loop_ms']} ms, speedup {row['speedup_vs_loop']}, {frac}", flush=True)
         del w13, w2
         torch.cuda.empty_cache()
     result.update(decode=decode, prefill=prefill, summary=summarize(decode, prefill))
