@@ -41,8 +41,10 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if self.num_experts < 1:
             raise ValueError(f"replay num_experts must be >= 1, got {self.num_experts}")
-        if self.capacity < 1:
-            raise ValueError(f"replay capacity must be >= 1 slot per layer, got {self.capacity}")
+        if not 1 <= self.capacity <= self.num_experts:
+            raise ValueError(
+                f"replay capacity must be 1..{self.num_experts} slots per layer (the layer's experts), got {self.capacity}"
+            )
 
 
 @dataclass(kw_only=True)

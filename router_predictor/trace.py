@@ -290,7 +290,8 @@ def import_vllm_jsonl(path, *, num_experts: int | None = None, model: str = "") 
             last_layer[(seq_key, pos)] = layer
             rep.rows_used += 1
     if rep.rows_used == 0:
-        raise ValueError(f"{path!r} holds no valid routing line ({rep.summary()})")
+        raise ValueError(f"{path!r} holds no valid routing line: skipped {rep.bad_lines} bad lines "
+                         f"({'; '.join(rep.bad_examples)})")
     num_layers = 1 + max(layer for by_pos in seqs.values() for toks in by_pos.values() for t in toks for layer in t)
     ids_rows, w_rows, lengths = [], [], []
 

@@ -215,3 +215,9 @@ def test_policy_compare_tunes_on_fit_trace_only():
     assert out["policies"]["belady"]["of_belady"] == 1.0
     for r in out["policies"].values():
         assert r["accesses"] == 30 * 3 * 2 and r["loads"] == r["misses"] + r["prefetches"]
+
+
+def test_policy_replay_config_rejects_capacity_beyond_experts():
+    """A capacity above the layer's expert count is rejected with the valid range."""
+    with pytest.raises(ValueError, match=r"1\.\.8 slots"):
+        ReplayConfig(capacity=9, num_experts=8)
