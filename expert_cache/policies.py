@@ -5,16 +5,17 @@ They see only what a running system knows when it asks: router scores of steps a
 taken and predictor forecasts made from them. The one exception is `BeladyPolicy`, the
 offline optimum, which is handed the future and exists only to evaluate the others.
 
-Policy       | evicts                                  | source
--------------|-----------------------------------------|-----------------------------------
-lru          | least recently used                     | policy.py
-lfu          | fewest uses so far (ties: LRU)           | classic
-score        | lowest exponential average of router     | HybriMoE's score-based cache
-             | scores per (layer, expert)               |
-predictive   | lowest score, forecast experts protected | ExpertFlow / ProMoE-style prefetch
-             | and prefetched into the next layer       |
-static-hot   | never the pinned hottest experts        | Fiddler, llama.cpp --n-cpu-moe
-belady       | the entry used farthest in the future   | Belady's MIN (offline optimum)
+Policy       | evicts                                    | source
+-------------|-------------------------------------------|---------------------------------
+lru          | least recently used                       | policy.py
+lfu          | fewest uses so far (ties: LRU)            | classic
+score        | lowest exponential average of router      | HybriMoE's score-based cache
+             | scores per (layer, expert)                |
+predictive   | lowest score plus forecast and next-step  | ExpertFlow / ProMoE-style prefetch
+             | estimate; forecast experts are protected  |
+             | and prefetched into the next layer        |
+static-hot   | never the pinned hottest experts          | Fiddler, llama.cpp --n-cpu-moe
+belady       | the entry used farthest in the future     | Belady's MIN (offline optimum)
 """
 from __future__ import annotations
 
