@@ -184,7 +184,7 @@ def accelerate_offload(model, budget_bytes: int, device: str):
     return dispatch_model(model, device_map=device_map), "ok"
 
 
-def use_profile(path: str | None, device: str, dtype: str) -> str:
+def use_profile(path: str | None, device: str, dtype: str, threads: int | None) -> str:
     """Point $MOE_PROFILE (read by every runtime this process builds) at a cost-model profile."""
     if path is not None:
         load_profile(device, path=path)  # fail early on a bad file
@@ -194,19 +194,19 @@ def use_profile(path: str | None, device: str, dtype: str) -> str:
     default = default_profile_path(device)
     if default.exists():
         return f"{load_profile(device).source} ({default})"
-    model, meas = calibrate(CalibrationConfig(device=device, dtype=dtype, quick=True))
+    model, meas = calibrate(CalibrationConfig(device=device, dtype=dtype, quick=True, threads=threads))
     tmp = Path(tempfile.mkdtemp(prefix="moe-bench-")) / "profile.json"
     save_profile(model, device=device, path=tmp, measurements=meas)
     os.environ["MOE_PROFILE"] = str(tmp)
     return f"quick calibration made now ({tmp})"
 
 
-def warm_up(template, prompt: int, device: str) -> None:
+def warm_up(template, prompt: int, device: str, threads: int | None) -> None:
     """Compile kernels and warm allocators once per model, outside every timed run."""
     model = copy.deepcopy(template)
     wb = weight_bytes(model)
     moe.wrap(model, gpu_memory=wb["non_expert"] + wb["experts_total"] // 2, device=device,
-             config=moe.RuntimeConfig(scheduler="dynamic"))
+             config=moe.RuntimeConfig(scheduler="dynamic", cpu_threads=threads))
     ids = torch.randint(0, model.config.vocab_size, (1, prompt))
     run_prompt(model, ids, 3, device)
     runtime_of(model).close()
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the CPU experts (default: all)")
     p.add_argument("--profile", default=None, help="cost-model profile for the planner (default: this host's "
                    "`moe calibrate` profile, else a quick calibration made now)")
     args = p.parse_args(argv)
@@ -243,8 +244,12 @@ def main(argv=None) -> int:
     if not 0 < scale <= 1 or new_tokens < 1 or any(not 0 <= b <= 1 for b in budgets):
         raise SystemExit("need 0 < scale <= 1, new tokens >= 1 and budgets in [0, 1]")
     dtype = _DTYPES[args.dtype]
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
 
-    profile_source = use_profile(args.profile, device, args.dtype)
+    profile_source = use_profile(args.profile, device, args.dtype, args.threads)
     print(f"# cost model: {profile_source}", flush=True)
     bw = dict(cpu_read_gbps=measure_read_gbps("cpu", nbytes=256 << 20, repeats=5))
     bw["device_read_gbps"] = bw["cpu_read_gbps"] if device == "cpu" else measure_read_gbps("cuda", nbytes=1 << 30)
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
         K = MODELS[name]["K"]
         gen = torch.Generator().manual_seed(args.seed)
         warm_ids = torch.randint(0, template.config.vocab_size, (1, 8), generator=gen)
-        warm_up(template, max(prompts), device)
+        warm_up(template, max(prompts), device, args.threads)
         for P in prompts:
             ids = torch.randint(0, template.config.vocab_size, (1, P), generator=gen)
             ref_model = copy.deepcopy(template).to(device)
@@ -282,7 +287,8 @@ def main(argv=None) -> int:
                 baselines.append(arow)
                 for rule in rules:
                     model = copy.deepcopy(template)
-                    moe.wrap(model, gpu_memory=gpu_memory, device=device, config=moe.RuntimeConfig(scheduler=rule))
+                    config = moe.RuntimeConfig(scheduler=rule, cpu_threads=args.threads)
+                    moe.wrap(model, gpu_memory=gpu_memory, device=device, config=config)
                     rt = runtime_of(model)
                     run_prompt(model, warm_ids, 2, device)  # compile kernels, warm the cache
                     r = run_prompt(model, ids, new_tokens, device, stats=rt.stats)
@@ -307,7 +313,7 @@ def main(argv=None) -> int:
                for o in others for k in ("decode_tok_s", "prefill_tok_s")} if "dynamic" in rules else {}
     print(json.dumps(dict(
         bench="decode", device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        host=socket.gethostname(), cpu_threads=torch.get_num_threads(), scale=scale, layers=args.layers,
+        host=socket.gethostname(), cpu_threads=args.threads or torch.get_num_threads(), scale=scale, layers=args.layers,
         cost_model=profile_source, load_average=os.getloadavg()[0],
         new_tokens=new_tokens, dtype=args.dtype, bandwidths_gbps=bw, summary=summary,
         baselines=baselines, results=results)))

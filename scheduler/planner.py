@@ -42,6 +42,8 @@ _TRIPLE_LIMIT = 16
 # Largest move tried from every start on small / large layers (the best local optimum
 # then gets every move its size allows).
 _START_K_SMALL, _START_K_LARGE = 2, 1
+# Starts improved on large layers (the best ones by their own makespan).
+_LARGE_STARTS = 3
 # Relative slack under which two makespans count as equal (then fewer busy seconds win).
 _REL_EPS = 1e-9
 
@@ -223,7 +225,14 @@ def _dynamic(costs: LayerCosts, limit: int) -> list[bool]:
         _cap_copies(costs, _rule_choice(costs, "fiddler", set(), 1), limit),
         _cap_copies(costs, [True] * costs.n, limit),
     ]
-    start_k = _START_K_SMALL if costs.n <= _TRIPLE_LIMIT else _START_K_LARGE
+    small = costs.n <= _TRIPLE_LIMIT
+    if not small:
+        # Large layers: a pass costs O(n^2) and a far start needs O(n) passes, so only
+        # the most promising starts are improved.
+        ms_S, busy_S = costs.evaluate_many(np.asarray(starts, dtype=bool))
+        ranked = sorted(range(len(starts)), key=lambda s: (ms_S[s], busy_S[s]))
+        starts = [starts[s] for s in ranked[:_LARGE_STARTS]]
+    start_k = _START_K_SMALL if small else _START_K_LARGE
     best_set, best_score = None, None
     seen = set()
     for start in starts:

@@ -75,8 +75,9 @@ def test_every_rule_honours_max_copies(rule, max_copies):
 def test_dynamic_is_no_worse_than_its_starting_rules():
     """dynamic never loses to fiddler, gpu-only or keeping only the cached items on the device."""
     rng = random.Random(5)
-    for _ in range(200):
-        items, cost, max_copies, link_free_s = random_expert_layer(rng, rng.randint(1, 12))
+    sizes = [rng.randint(1, 12) for _ in range(200)] + [20, 40, 64, 100, 128]  # large layers take another path
+    for n in sizes:
+        items, cost, max_copies, link_free_s = random_expert_layer(rng, n)
         dyn = plan_layer(items, cost, max_copies=max_copies, link_free_s=link_free_s).makespan_s
         for rule in ("fiddler", "gpu-only"):
             other = plan_layer(items, cost, rule=rule, max_copies=max_copies, link_free_s=link_free_s).makespan_s
