@@ -28,7 +28,7 @@ except (CliError, ValueError, FileNotFoundError) as exc:
     sys.exit(2)
 """
 PROMPTS = [{"id": "a", "prompt": "Hello"}, {"id": 7, "prompt": "def f(x):"}, {"id": "c", "prompt": "MoE"},
-           {"id": "d", "prompt": "x" * 11}, {"id": "e", "prompt": "1 2 3"}]
+           {"id": "d", "prompt": "x" * 11}, {"id": "e", "prompt": "1 2 3"}, {"id": 9, "prompt": "zz"}]
 
 
 def _launch_in_process(argv):
@@ -47,31 +47,33 @@ def _write_prompts(path):
 
 
 def test_launch_generate_matches_single_process_and_resumes(tmp_path):
-    """Two EP ranks with replicated experts give the single-process completions, every id once, resuming a partial output."""
+    """Four EP ranks (uneven shards, replicated experts) give the single-process completions, every id once, resuming a partial output."""
     from moe.generate import GenerateConfig
     from moe.generate_job import GenerateJob, run_job
 
     _write_prompts(tmp_path / "in.jsonl")
-    gen = GenerateConfig(max_new_tokens=6, batch_size=2)
+    gen = GenerateConfig(max_new_tokens=6, batch_size=1)
     run_job(GenerateJob(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "ref.jsonl"), device="cpu",
                         generation=gen, progress=False), log=lambda m: None)
     want = (tmp_path / "ref.jsonl").read_text().splitlines()
     assert len(want) == len(PROMPTS)
-    placement = ExpertPlacement.contiguous(4, 8, 2).with_replicas(torch.arange(32.0).reshape(4, 8), 1)
+    placement = ExpertPlacement.contiguous(4, 8, 4).with_replicas(torch.arange(32.0).reshape(4, 8), 1)
     placement.save(tmp_path / "placement.json")
     (tmp_path / "out.jsonl").write_text(want[0] + "\n")  # a run that stopped after one result
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", _LAUNCHER, "--nproc-per-node", "2", "--placement", str(tmp_path / "placement.json"),
+        [sys.executable, "-c", _LAUNCHER, "--nproc-per-node", "4", "--placement", str(tmp_path / "placement.json"),
          "--group-timeout", "60", "--timeout", "120", "--", "generate", "--input", str(tmp_path / "in.jsonl"),
-         "--output", str(tmp_path / "out.jsonl"), "--resume", "--max-new-tokens", "6", "--batch-size", "2",
+         "--output", str(tmp_path / "out.jsonl"), "--resume", "--max-new-tokens", "6", "--batch-size", "1",
          "--device", "cpu"],
         env=_env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in got] == [json.loads(x) for x in want]
-    assert "4 prompts over 2 ranks (2, 2)" in proc.stderr and time.monotonic() - t0 < 120
+    assert "5 prompts over 4 ranks (2, 1, 1, 1)" in proc.stderr and time.monotonic() - t0 < 120
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".moe-launch-")]
+    rounds = {line.split("done: ")[1].split(" rounds")[0] for line in proc.stderr.splitlines() if "rounds," in line}
+    assert len(rounds) == 1  # every rank joined every round: those with less work drained
 
 
 def test_launch_fails_fast_when_a_rank_dies(tmp_path):
