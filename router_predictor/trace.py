@@ -98,8 +98,8 @@ class RoutingTrace:
     def next_in_sequence(self) -> torch.Tensor:
         """bool [T]: token t+1 exists and belongs to the same sequence as token t."""
         ok_T = torch.ones(self.num_tokens, dtype=torch.bool)
-        if self.num_tokens:
-            ok_T[(self.seq_starts[1:] - 1).clamp(min=0)] = False
+        ends_S = self.seq_starts[1:]
+        ok_T[ends_S[ends_S > self.seq_starts[:-1]] - 1] = False  # last token of each non-empty sequence
         return ok_T
 
     def select_sequences(self, seqs: list[int] | range) -> "RoutingTrace":
@@ -227,7 +227,7 @@ def _parse_row(obj) -> tuple[object, int, int, list[int], list[float] | None]:
             raise ValueError(f"{name!r} must be an int >= 0, got {v!r}")
     experts = obj.get("experts")
     if not isinstance(experts, list) or not experts or not all(
-        isinstance(e, int) and not isinstance(e, bool) and 0 <= e <= _MAX_EXPERTS for e in experts
+        isinstance(e, int) and not isinstance(e, bool) and 0 <= e < _MAX_EXPERTS for e in experts
     ):
         raise ValueError(f"'experts' must be a non-empty list of expert ids >= 0, got {experts!r}")
     probs = obj.get("gating_probs")

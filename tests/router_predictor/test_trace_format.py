@@ -55,6 +55,9 @@ def test_trace_select_sequences_and_next_mask():
     assert torch.equal(sub.expert_ids, torch.cat([tr.expert_ids[5:6], tr.expert_ids[0:2]]))
     assert tr.next_in_sequence().tolist() == [True, False, True, True, False, False]
     assert tr.sequence_ids().tolist() == [0, 0, 1, 1, 1, 2]
+    gaps = RoutingTrace(expert_ids=tr.expert_ids[:3], seq_starts=torch.tensor([0, 0, 2, 2, 3]), num_experts=8, top_k=2)
+    assert gaps.next_in_sequence().tolist() == [True, False, False]
+    assert gaps.sequence_ids().tolist() == [1, 1, 3]
 
 
 @pytest.mark.parametrize(
