@@ -4,8 +4,10 @@
 - `dispatch`: deduplicated all_to_all dispatch/combine and the plain-torch reference.
 - `ep`: `ExpertParallel`, the per-layer executor, with a drain protocol for lockstep.
 - `group`: process groups with timeouts (torchrun env, or local gloo processes).
-- `grouping`, `shuffle`, `replay`: offline expert grouping, online token shuffling, and
-  the all-to-all replay that measures them on routing traces.
+- `launch`: torchrun runner with bounded failure time; `selfcheck`: distributed check
+  of the executor against the reference.
+- `grouping`, `shuffle`, `replay`, `a2a_bench`: offline expert grouping, online token
+  shuffling, and the all-to-all replay that measures them on routing traces.
 """
 from moe.comms.dispatch import plan_dispatch, reference_moe
 from moe.comms.ep import EPConfig, ExpertParallel

@@ -16,7 +16,9 @@ Model (stated so the numbers can be checked):
   where attention is not pinned to the data-parallel owner (tensor-parallel or
   replicated attention across the EP group, as in DeepSpeed-MoE); with KV caches pinned
   to the owner the token would have to return home, and only grouping applies.
-- Bytes = (dispatch + combine rows) x hidden_size x bytes_per_element.
+- Bytes = (dispatch + combine rows) x hidden_size x bytes_per_element. `naive_bytes`
+  counts what a dispatch without per-rank deduplication would move (one row per remote
+  activation, both directions).
 - Local activation rate (LAR): share of the T*L*K activations served on `loc`.
 - Load imbalance: per layer, max over ranks of activations served / mean; reported as
   the mean over layers and the worst layer.
@@ -57,6 +59,7 @@ class ReplayResult:
     """Totals over the trace; `*_per_token_layer` divide by T*L."""
 
     bytes: int
+    naive_bytes: int
     dispatch_rows: int
     combine_rows: int
     bytes_per_token_layer: float
@@ -96,6 +99,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
     token_T = torch.arange(T)
     loc_T = home_T
     dispatch = combine = local = 0
+    remote_activations = 0
     imb_L = torch.zeros(L, dtype=torch.float64)
     hits = guesses = 0
     for l in range(L):
@@ -103,7 +107,9 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
         served_TR = torch.zeros(T, R, dtype=torch.bool).scatter_(1, dest_TK, True)
         at_loc_T = served_TR[token_T, loc_T]
         dispatch += int(served_TR.sum()) - int(at_loc_T.sum())
-        local += int((dest_TK == loc_T[:, None]).sum())
+        local_l = int((dest_TK == loc_T[:, None]).sum())
+        local += local_l
+        remote_activations += T * K - local_l
         load_R = torch.bincount(dest_TK.flatten(), minlength=R).double()
         imb_L[l] = load_R.max() / load_R.mean() if T else 1.0
         if l > 0 and shuffle is not None:
@@ -123,9 +129,10 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
         combine += int(cand_TR.sum()) - int(cand_TR[token_T, next_T].sum())
         loc_T = next_T
     rows = dispatch + combine
-    nbytes = rows * config.hidden_size * config.bytes_per_element
+    row_bytes = config.hidden_size * config.bytes_per_element
+    nbytes = rows * row_bytes
     return ReplayResult(
-        bytes=nbytes, dispatch_rows=dispatch, combine_rows=combine,
+        bytes=nbytes, naive_bytes=2 * remote_activations * row_bytes, dispatch_rows=dispatch, combine_rows=combine,
         bytes_per_token_layer=nbytes / max(T * L, 1), lar=local / max(T * L * K, 1),
         imbalance=float(imb_L.mean()), imbalance_max=float(imb_L.max()),
         spec_hit=hits / guesses if guesses else None,

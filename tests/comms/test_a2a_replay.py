@@ -61,6 +61,9 @@ def test_replay_baseline_rows_match_brute_force(T, L, E, K, R):
     assert res.dispatch_rows == res.combine_rows
     assert res.dispatch_rows + res.combine_rows == _brute_rows(ids, pl, torch.arange(T) % R)
     assert res.bytes == (res.dispatch_rows + res.combine_rows) * 10 * 2
+    remote = sum(int((pl.dest_ranks(l, ids[:, l], torch.arange(T) % R) != (torch.arange(T) % R)[:, None]).sum())
+                 for l in range(L))
+    assert res.naive_bytes == 2 * remote * 10 * 2 >= res.bytes
 
 
 def test_replay_counts_replicas_and_sequence_homes():
