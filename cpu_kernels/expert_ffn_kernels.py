@@ -13,8 +13,11 @@ Work split: ``prange`` over ``nch`` contiguous chunks of rows (the caller picks 
 per thread so uneven chunks balance; numba.get_num_threads() inside a kernel would make
 it uncacheable). T == 1 (decode) is a GEMV: each row is streamed once, decoded and dotted
 in one pass (memory-bound). T > 1 decodes a block of B rows into a small fp32 scratch,
-then dots it against all T tokens, so each weight byte still leaves DRAM once and the
-inner loops run on plain fp32 with B independent accumulators.
+then dots it against all T tokens with a 4-row x 3-token register tile, so each weight
+byte still leaves DRAM once and the inner loops run on plain fp32.
+
+Hot loops index 1-D row views from 0: with offsets numba cannot rule out negative
+(wrap-around) indices and LLVM turns the loads into gathers.
 
 Callers (expert_ffn.py) check shapes, dtypes and contiguity; these functions do not.
 """
@@ -32,7 +35,8 @@ __all__ = [
     "swiglu_rows", "widen_bf16", "narrow_to_bf16",
 ]
 
-_RB = 4  # rows per block in the T > 1 path: 4 accumulators + 1 shared load of x per step
+_RB = 4  # weight rows per block in the T > 1 path (the 4 of the 4x3 register tile)
+_KC = 1024  # K chunk of the T > 1 path: 4 weight rows + 3 token rows = 28 KiB, fits L1
 
 
 @intrinsic
@@ -61,32 +65,155 @@ def _f32_bits(typingctx, value):
 
 
 @njit_kernel(parallel=False)
-def _dot_block(x_TK, s_BK, nb, out_TR, r0):
-    """out_TR[:, r0:r0+nb] = x_TK @ s_BK[:nb].T with s_BK fp32 scratch."""
-    T, K = x_TK.shape
-    if nb == 4:
-        for t in range(T):
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for k in range(K):
-                xv = x_TK[t, k]
-                a0 += s_BK[0, k] * xv
-                a1 += s_BK[1, k] * xv
-                a2 += s_BK[2, k] * xv
-                a3 += s_BK[3, k] * xv
-            out_TR[t, r0] = a0
-            out_TR[t, r0 + 1] = a1
-            out_TR[t, r0 + 2] = a2
-            out_TR[t, r0 + 3] = a3
+def _tile_4x3(s0, s1, s2, s3, x0, x1, x2, acc_T4, t, first):
+    """acc_T4[t:t+3, :] (+)= x{0,1,2} . s{0..3}: a 4-row x 3-token register tile.
+
+    Each step loads 4 weight and 3 token values for 12 FMAs (vs 5 loads per 4 FMAs
+    for one token at a time), which is what limits the T > 1 path.
+    """
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = np.float32(0.0)
+    for k in range(s0.shape[0]):
+        w0 = s0[k]
+        w1 = s1[k]
+        w2 = s2[k]
+        w3 = s3[k]
+        v = x0[k]
+        a00 += w0 * v
+        a01 += w1 * v
+        a02 += w2 * v
+        a03 += w3 * v
+        v = x1[k]
+        a10 += w0 * v
+        a11 += w1 * v
+        a12 += w2 * v
+        a13 += w3 * v
+        v = x2[k]
+        a20 += w0 * v
+        a21 += w1 * v
+        a22 += w2 * v
+        a23 += w3 * v
+    if first:
+        acc_T4[t, 0] = a00
+        acc_T4[t, 1] = a01
+        acc_T4[t, 2] = a02
+        acc_T4[t, 3] = a03
+        acc_T4[t + 1, 0] = a10
+        acc_T4[t + 1, 1] = a11
+        acc_T4[t + 1, 2] = a12
+        acc_T4[t + 1, 3] = a13
+        acc_T4[t + 2, 0] = a20
+        acc_T4[t + 2, 1] = a21
+        acc_T4[t + 2, 2] = a22
+        acc_T4[t + 2, 3] = a23
     else:
+        acc_T4[t, 0] += a00
+        acc_T4[t, 1] += a01
+        acc_T4[t, 2] += a02
+        acc_T4[t, 3] += a03
+        acc_T4[t + 1, 0] += a10
+        acc_T4[t + 1, 1] += a11
+        acc_T4[t + 1, 2] += a12
+        acc_T4[t + 1, 3] += a13
+        acc_T4[t + 2, 0] += a20
+        acc_T4[t + 2, 1] += a21
+        acc_T4[t + 2, 2] += a22
+        acc_T4[t + 2, 3] += a23
+
+
+@njit_kernel(parallel=False)
+def _tile_4x2(s0, s1, s2, s3, x0, x1, acc_T4, t, first):
+    """acc_T4[t:t+2, :] (+)= x{0,1} . s{0..3} (token remainder of the 4x3 tiling)."""
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    for k in range(s0.shape[0]):
+        w0 = s0[k]
+        w1 = s1[k]
+        w2 = s2[k]
+        w3 = s3[k]
+        v = x0[k]
+        a00 += w0 * v
+        a01 += w1 * v
+        a02 += w2 * v
+        a03 += w3 * v
+        v = x1[k]
+        a10 += w0 * v
+        a11 += w1 * v
+        a12 += w2 * v
+        a13 += w3 * v
+    if first:
+        acc_T4[t, 0] = a00
+        acc_T4[t, 1] = a01
+        acc_T4[t, 2] = a02
+        acc_T4[t, 3] = a03
+        acc_T4[t + 1, 0] = a10
+        acc_T4[t + 1, 1] = a11
+        acc_T4[t + 1, 2] = a12
+        acc_T4[t + 1, 3] = a13
+    else:
+        acc_T4[t, 0] += a00
+        acc_T4[t, 1] += a01
+        acc_T4[t, 2] += a02
+        acc_T4[t, 3] += a03
+        acc_T4[t + 1, 0] += a10
+        acc_T4[t + 1, 1] += a11
+        acc_T4[t + 1, 2] += a12
+        acc_T4[t + 1, 3] += a13
+
+
+@njit_kernel(parallel=False)
+def _tile_4x1(s0, s1, s2, s3, x0, acc_T4, t, first):
+    """acc_T4[t, :] (+)= x0 . s{0..3} (a lone remaining token)."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for k in range(s0.shape[0]):
+        v = x0[k]
+        a0 += s0[k] * v
+        a1 += s1[k] * v
+        a2 += s2[k] * v
+        a3 += s3[k] * v
+    if first:
+        acc_T4[t, 0] = a0
+        acc_T4[t, 1] = a1
+        acc_T4[t, 2] = a2
+        acc_T4[t, 3] = a3
+    else:
+        acc_T4[t, 0] += a0
+        acc_T4[t, 1] += a1
+        acc_T4[t, 2] += a2
+        acc_T4[t, 3] += a3
+
+
+@njit_kernel(parallel=False)
+def _dot_block(x_TK, s_BK, nb, out_TR, r0, acc_T4):
+    """out_TR[:, r0:r0+nb] = x_TK @ s_BK[:nb].T; s_BK fp32 [4, K] (rows >= nb are ignored).
+
+    K is walked in chunks of _KC so the 4 weight rows and 3 token rows of a tile stay
+    in L1 while all T tokens pass over them; partial sums collect in acc_T4 [T, 4].
+    """
+    T, K = x_TK.shape
+    for k0 in range(0, K, _KC):
+        k1 = min(K, k0 + _KC)
+        first = k0 == 0
+        s0 = s_BK[0, k0:k1]
+        s1 = s_BK[1, k0:k1]
+        s2 = s_BK[2, k0:k1]
+        s3 = s_BK[3, k0:k1]
+        # Tokens in tiles of 3; a remainder of 1 borrows one tile's tokens to make 2 + 2,
+        # because the 4x1 tile needs 5 loads per 4 FMAs.
+        n3 = T // 3 if T % 3 != 1 or T < 4 else T // 3 - 1
+        for j in range(n3):
+            t = 3 * j
+            _tile_4x3(s0, s1, s2, s3, x_TK[t, k0:k1], x_TK[t + 1, k0:k1], x_TK[t + 2, k0:k1], acc_T4, t, first)
+        t = 3 * n3
+        while t + 2 <= T:
+            _tile_4x2(s0, s1, s2, s3, x_TK[t, k0:k1], x_TK[t + 1, k0:k1], acc_T4, t, first)
+            t += 2
+        if t < T:
+            _tile_4x1(s0, s1, s2, s3, x_TK[t, k0:k1], acc_T4, t, first)
+    for t in range(T):
         for i in range(nb):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += s_BK[i, k] * x_TK[t, k]
-                out_TR[t, r0 + i] = acc
+            out_TR[t, r0 + i] = acc_T4[t, i]
 
 
 @njit_kernel(parallel=False)
@@ -94,15 +221,23 @@ def _rows_f32(x_TK, w_RK, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ w_RK.T (float32 weights)."""
     T, K = x_TK.shape
     if T == 1:
+        x_K = x_TK[0]
         for r in range(r_lo, r_hi):
+            w_K = w_RK[r]
             acc = np.float32(0.0)
             for k in range(K):
-                acc += w_RK[r, k] * x_TK[0, k]
+                acc += w_K[k] * x_K[k]
             out_TR[0, r] = acc
     else:
+        acc_T4 = np.empty((T, _RB), np.float32)
+        tail_BK = np.zeros((_RB, K), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
-            _dot_block(x_TK, w_RK[b0:b0 + nb], nb, out_TR, b0)
+            if nb == _RB:
+                _dot_block(x_TK, w_RK[b0:b0 + _RB], nb, out_TR, b0, acc_T4)
+            else:  # a short last block: pad to 4 rows so the tile code stays one shape
+                tail_BK[:nb] = w_RK[b0:b0 + nb]
+                _dot_block(x_TK, tail_BK, nb, out_TR, b0, acc_T4)
 
 
 @njit_kernel(parallel=False)
@@ -110,19 +245,25 @@ def _rows_bf16(x_TK, w_RK, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ w_RK.T (bf16 weights as uint16)."""
     T, K = x_TK.shape
     if T == 1:
+        x_K = x_TK[0]
         for r in range(r_lo, r_hi):
+            w_K = w_RK[r]
             acc = np.float32(0.0)
             for k in range(K):
-                acc += _bf16_to_f32(w_RK[r, k]) * x_TK[0, k]
+                acc += _bf16_to_f32(w_K[k]) * x_K[k]
             out_TR[0, r] = acc
     else:
-        s_BK = np.empty((_RB, K), np.float32)
+        # Zeros: rows past a short last block must hold finite values (they are not stored).
+        s_BK = np.zeros((_RB, K), np.float32)
+        acc_T4 = np.empty((T, _RB), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
             for i in range(nb):
+                w_K = w_RK[b0 + i]
+                s_K = s_BK[i]
                 for k in range(K):
-                    s_BK[i, k] = _bf16_to_f32(w_RK[b0 + i, k])
-            _dot_block(x_TK, s_BK, nb, out_TR, b0)
+                    s_K[k] = _bf16_to_f32(w_K[k])
+            _dot_block(x_TK, s_BK, nb, out_TR, b0, acc_T4)
 
 
 @njit_kernel(parallel=False)
@@ -130,21 +271,27 @@ def _rows_int8(x_TK, q_RK, scale_R, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ (q_RK * scale_R[:, None]).T."""
     T, K = x_TK.shape
     if T == 1:
+        x_K = x_TK[0]
         for r in range(r_lo, r_hi):
+            q_K = q_RK[r]
             acc = np.float32(0.0)
             for k in range(K):
-                acc += np.float32(q_RK[r, k]) * x_TK[0, k]
+                acc += np.float32(q_K[k]) * x_K[k]
             # The row scale factors out of the dot product: one multiply per row.
             out_TR[0, r] = acc * scale_R[r]
     else:
-        s_BK = np.empty((_RB, K), np.float32)
+        # Zeros: rows past a short last block must hold finite values (they are not stored).
+        s_BK = np.zeros((_RB, K), np.float32)
+        acc_T4 = np.empty((T, _RB), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
             for i in range(nb):
                 s = scale_R[b0 + i]
+                q_K = q_RK[b0 + i]
+                s_K = s_BK[i]
                 for k in range(K):
-                    s_BK[i, k] = np.float32(q_RK[b0 + i, k]) * s
-            _dot_block(x_TK, s_BK, nb, out_TR, b0)
+                    s_K[k] = np.float32(q_K[k]) * s
+            _dot_block(x_TK, s_BK, nb, out_TR, b0, acc_T4)
 
 
 # The parallel entry points only split rows into chunks: numba compiles prange bodies
@@ -187,9 +334,10 @@ def _int4_group_sums(x_TK, group, xsum_TG):
     T, K = x_TK.shape
     for t in range(T):
         for g in range(xsum_TG.shape[1]):
+            x_m = x_TK[t, g * group: min(K, (g + 1) * group)]
             acc = np.float32(0.0)
-            for k in range(g * group, min(K, (g + 1) * group)):
-                acc += x_TK[t, k]
+            for i in range(x_m.shape[0]):
+                acc += x_m[i]
             xsum_TG[t, g] = acc
 
 
@@ -205,23 +353,25 @@ def _int4_row_dot(x_K, p_P, scale_G, xsum_G, group):
     full = K // group
     acc = np.float32(0.0)
     for g in range(full):
-        c0 = g * group
-        b0 = g * hg
+        p_h = p_P[g * hg: (g + 1) * hg]
+        x_lo = x_K[g * group: g * group + hg]
+        x_hi = x_K[g * group + hg: (g + 1) * group]
         part = np.float32(0.0)
         for i in range(hg):
-            b = np.int32(p_P[b0 + i])
-            part += np.float32(b & 15) * x_K[c0 + i] + np.float32(b >> 4) * x_K[c0 + hg + i]
+            b = np.int32(p_h[i])
+            part += np.float32(b & 15) * x_lo[i] + np.float32(b >> 4) * x_hi[i]
         acc += (part - np.float32(8.0) * xsum_G[g]) * scale_G[g]
     m = K - full * group
     if m > 0:  # last, shorter group: halves of ceil(m / 2) and floor(m / 2) columns
-        c0 = full * group
-        b0 = full * hg
         h = (m + 1) // 2
+        p_h = p_P[full * hg: full * hg + h]
+        x_lo = x_K[full * group: full * group + h]
+        x_hi = x_K[full * group + h: K]
         part = np.float32(0.0)
         for i in range(h):
-            part += np.float32(np.int32(p_P[b0 + i]) & 15) * x_K[c0 + i]
+            part += np.float32(np.int32(p_h[i]) & 15) * x_lo[i]
         for i in range(m - h):
-            part += np.float32(np.int32(p_P[b0 + i]) >> 4) * x_K[c0 + h + i]
+            part += np.float32(np.int32(p_h[i]) >> 4) * x_hi[i]
         acc += (part - np.float32(8.0) * xsum_G[full]) * scale_G[full]
     return acc
 
@@ -233,23 +383,25 @@ def _int4_row_decode(p_P, scale_G, group, s_K):
     hg = group // 2
     full = K // group
     for g in range(full):
-        c0 = g * group
-        b0 = g * hg
+        p_h = p_P[g * hg: (g + 1) * hg]
+        s_lo = s_K[g * group: g * group + hg]
+        s_hi = s_K[g * group + hg: (g + 1) * group]
         s = scale_G[g]
         for i in range(hg):
-            b = np.int32(p_P[b0 + i])
-            s_K[c0 + i] = np.float32((b & 15) - 8) * s
-            s_K[c0 + hg + i] = np.float32((b >> 4) - 8) * s
+            b = np.int32(p_h[i])
+            s_lo[i] = np.float32((b & 15) - 8) * s
+            s_hi[i] = np.float32((b >> 4) - 8) * s
     m = K - full * group
     if m > 0:
-        c0 = full * group
-        b0 = full * hg
         h = (m + 1) // 2
+        p_h = p_P[full * hg: full * hg + h]
+        s_lo = s_K[full * group: full * group + h]
+        s_hi = s_K[full * group + h: K]
         s = scale_G[full]
         for i in range(h):
-            s_K[c0 + i] = np.float32((np.int32(p_P[b0 + i]) & 15) - 8) * s
+            s_lo[i] = np.float32((np.int32(p_h[i]) & 15) - 8) * s
         for i in range(m - h):
-            s_K[c0 + h + i] = np.float32((np.int32(p_P[b0 + i]) >> 4) - 8) * s
+            s_hi[i] = np.float32((np.int32(p_h[i]) >> 4) - 8) * s
 
 
 @njit_kernel(parallel=False)
@@ -260,12 +412,14 @@ def _rows_int4_g(x_TK, p_RP, scale_RG, xsum_TG, group, out_TR, r_lo, r_hi):
         for r in range(r_lo, r_hi):
             out_TR[0, r] = _int4_row_dot(x_TK[0], p_RP[r], scale_RG[r], xsum_TG[0], group)
     else:
-        s_BK = np.empty((_RB, K), np.float32)
+        # Zeros: rows past a short last block must hold finite values (they are not stored).
+        s_BK = np.zeros((_RB, K), np.float32)
+        acc_T4 = np.empty((T, _RB), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
             for i in range(nb):
                 _int4_row_decode(p_RP[b0 + i], scale_RG[b0 + i], group, s_BK[i])
-            _dot_block(x_TK, s_BK, nb, out_TR, b0)
+            _dot_block(x_TK, s_BK, nb, out_TR, b0, acc_T4)
 
 
 @njit_kernel(parallel=False)

@@ -17,18 +17,28 @@ from .numba_util import launch_guard, njit_kernel, thread_cap
 __all__ = ["read_bandwidth_gbps"]
 
 
+@njit_kernel(parallel=False)
+def _sum_range(a_N, lo, hi):
+    # Index a slice from 0: with i in range(lo, hi) numba cannot rule out negative
+    # (wrap-around) indices and the loads become gathers.
+    b_N = a_N[lo:hi]
+    acc = np.float32(0.0)
+    for i in range(b_N.shape[0]):
+        acc += b_N[i]
+    return acc
+
+
 @njit_kernel()
 def _chunked_sum(a_N, nch):
-    """Sum of a float32 array as nch parallel contiguous chunks."""
+    """Sum of a float32 array as nch parallel contiguous chunks.
+
+    The loop lives in a serial helper: a prange body does not reliably keep the
+    fastmath flags, and an unvectorised sum would be compute-bound and understate DRAM.
+    """
     n = a_N.shape[0]
     part = np.zeros(nch, np.float32)
     for c in prange(nch):
-        lo = c * n // nch
-        hi = (c + 1) * n // nch
-        acc = np.float32(0.0)
-        for i in range(lo, hi):
-            acc += a_N[i]
-        part[c] = acc
+        part[c] = _sum_range(a_N, c * n // nch, (c + 1) * n // nch)
     return part.sum()
 
 
