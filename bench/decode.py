@@ -18,7 +18,7 @@ the decode roofline from bandwidths measured in this run: bytes each token must 
 (non-expert weights + top-k experts per layer) over device memory bandwidth, with the
 uncached expert bytes drained at best by CPU reads and PCIe together.
 
-    python bench/decode.py                       # CPU: scale 1/16, 16 new tokens
+    python bench/decode.py                       # CPU: scale 1/16, 16 new tokens, 3 repeats
     python bench/decode.py --device cuda --scale 1 --layers 4 --new-tokens 128
 
 Prints one line per run, then one JSON line with everything.
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +146,17 @@ def run_prompt(model, ids_1P: torch.Tensor, new_tokens: int, device: str, stats=
                 prefill_stats={k: s1[k] - s0[k] for k in s0}, decode_stats={k: s2[k] - s1[k] for k in s1})
 
 
+def run_repeated(model, ids_1P, new_tokens: int, device: str, repeats: int, stats=None) -> dict:
+    """run_prompt `repeats` times: median prefill and decode seconds, stats summed, first run's tokens."""
+    runs = [run_prompt(model, ids_1P, new_tokens, device, stats) for _ in range(repeats)]
+    out = dict(runs[0])
+    out["prefill_s"] = statistics.median(r["prefill_s"] for r in runs)
+    out["decode_s"] = statistics.median(r["decode_s"] for r in runs)
+    for key in ("prefill_stats", "decode_stats"):
+        out[key] = {k: sum(r[key][k] for r in runs) for k in runs[0][key]}
+    return out
+
+
 def _summary(name, prompt, budget, rule, r, ref_tokens, P, N) -> dict:
     def shares(st):
         looked, calls = st["cache_hits"] + st["cache_misses"], st["cpu_expert_calls"] + st["gpu_expert_calls"]
@@ -173,12 +185,12 @@ def decode_bound(wb: dict, K: int, device: str, bw: dict, hit_rate: float | None
 
 def accelerate_offload(model, budget_bytes: int, device: str):
     """The model dispatched by accelerate with `budget_bytes` on the GPU, or a reason it cannot run."""
-    if device != "cuda":
-        return None, "unavailable: accelerate offload needs a CUDA device"
     try:
         from accelerate import dispatch_model, infer_auto_device_map
     except ImportError:
         return None, "unavailable: accelerate is not installed"
+    if device != "cuda":
+        return None, "unavailable: accelerate offload needs a CUDA device"
     device_map = infer_auto_device_map(model, max_memory={0: budget_bytes, "cpu": 2**40},
                                        no_split_module_classes=getattr(model, "_no_split_modules", None))
     return dispatch_model(model, device_map=device_map), "ok"
@@ -224,6 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per setting, median reported "
+                   "(default: 1 on cuda, 3 on cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the CPU experts (default: all)")
     p.add_argument("--profile", default=None, help="cost-model profile for the planner (default: this host's "
                    "`moe calibrate` profile, else a quick calibration made now)")
@@ -231,6 +245,7 @@ def main(argv=None) -> int:
     device = args.device
     scale = args.scale if args.scale is not None else (1.0 if device == "cuda" else 1 / 16)
     new_tokens = args.new_tokens or (128 if device == "cuda" else 16)
+    repeats = args.repeats or (1 if device == "cuda" else 3)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
@@ -241,8 +256,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown rules {bad}; choose from {', '.join(RULES)}")
     budgets = [float(b) for b in args.budgets.split(",")]
     prompts = [int(x) for x in args.prompts.split(",")]
-    if not 0 < scale <= 1 or new_tokens < 1 or any(not 0 <= b <= 1 for b in budgets):
-        raise SystemExit("need 0 < scale <= 1, new tokens >= 1 and budgets in [0, 1]")
+    if not 0 < scale <= 1 or new_tokens < 1 or repeats < 1 or any(not 0 <= b <= 1 for b in budgets):
+        raise SystemExit("need 0 < scale <= 1, new tokens >= 1, repeats >= 1 and budgets in [0, 1]")
     dtype = _DTYPES[args.dtype]
     if args.threads is not None:
         if args.threads < 1:
@@ -268,7 +283,7 @@ def main(argv=None) -> int:
             ids = torch.randint(0, template.config.vocab_size, (1, P), generator=gen)
             ref_model = copy.deepcopy(template).to(device)
             run_prompt(ref_model, warm_ids, 2, device)
-            ref = run_prompt(ref_model, ids, new_tokens, device)
+            ref = run_repeated(ref_model, ids, new_tokens, device, repeats)
             del ref_model
             row = _summary(name, P, 1.0, "all-on-device", ref, ref["tokens"], P, new_tokens)
             row["bound_decode_tok_s"] = decode_bound(wb, K, device, bw, None)
@@ -280,7 +295,7 @@ def main(argv=None) -> int:
                 if acc_model is not None:
                     run_prompt(acc_model, warm_ids, 2, device)
                     arow = _summary(name, P, budget, "accelerate-offload",
-                                    run_prompt(acc_model, ids, new_tokens, device), ref["tokens"], P, new_tokens)
+                                    run_repeated(acc_model, ids, new_tokens, device, repeats), ref["tokens"], P, new_tokens)
                     del acc_model
                 else:
                     arow = dict(model=name, prompt=P, budget=budget, rule="accelerate-offload", status=why)
@@ -291,7 +306,7 @@ def main(argv=None) -> int:
                     moe.wrap(model, gpu_memory=gpu_memory, device=device, config=config)
                     rt = runtime_of(model)
                     run_prompt(model, warm_ids, 2, device)  # compile kernels, warm the cache
-                    r = run_prompt(model, ids, new_tokens, device, stats=rt.stats)
+                    r = run_repeated(model, ids, new_tokens, device, repeats, stats=rt.stats)
                     rt.close()
                     row = _summary(name, P, budget, rule, r, ref["tokens"], P, new_tokens)
                     row["cache_slots"] = rt.cache.num_slots
@@ -315,7 +330,7 @@ def main(argv=None) -> int:
         bench="decode", device=device, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         host=socket.gethostname(), cpu_threads=args.threads or torch.get_num_threads(), scale=scale, layers=args.layers,
         cost_model=profile_source, load_average=os.getloadavg()[0],
-        new_tokens=new_tokens, dtype=args.dtype, bandwidths_gbps=bw, summary=summary,
+        new_tokens=new_tokens, repeats=repeats, dtype=args.dtype, bandwidths_gbps=bw, summary=summary,
         baselines=baselines, results=results)))
     return 0
 

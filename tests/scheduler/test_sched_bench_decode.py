@@ -53,10 +53,13 @@ def test_tiny_run_prints_one_json_line_last(bench, tmp_path, capsys, monkeypatch
     """A one-model, one-rule run at tiny scale ends with a JSON line holding its result and baselines."""
     prof = save_profile(AnalyticCostModel.defaults("cpu"), device="cpu", path=tmp_path / "p.json")
     monkeypatch.setenv("MOE_PROFILE", str(prof))  # restored after the test; main() sets it too
-    torch.manual_seed(0)
-    rc = bench.main(["--device", "cpu", "--models", "mixtral-8x7b", "--scale", "0.03125", "--layers", "2",
-                     "--prompts", "8", "--budgets", "0.5", "--rules", "dynamic,cpu-only", "--new-tokens", "3",
-                     "--profile", str(prof)])
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--device", "cpu", "--models", "mixtral-8x7b", "--scale", "0.03125", "--layers", "2",
+                         "--prompts", "8", "--budgets", "0.5", "--rules", "dynamic,cpu-only", "--new-tokens", "3",
+                         "--repeats", "1", "--threads", "1", "--profile", str(prof)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process-wide thread count
     assert rc == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bench"] == "decode" and {r["rule"] for r in last["results"]} == {"dynamic", "cpu-only"}
