@@ -13,7 +13,7 @@ every rank instead of hanging).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,7 +51,7 @@ class EPStats:
     local_rows: int = 0
     local_activations: int = 0
     activations: int = 0
-    wire_bytes: int = field(default=0)  # dispatch + combine bytes this rank sent to others
+    wire_bytes: int = 0  # dispatch + combine bytes this rank sent to others
 
 
 class ExpertParallel:
@@ -90,9 +90,12 @@ class ExpertParallel:
         if x_TD.dim() != 2 or topk_ids_TK.shape[0] != x_TD.shape[0]:
             raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_ids_TK {tuple(topk_ids_TK.shape)} "
                              "must be [tokens, hidden] and [tokens, k]")
+        wire = self.config.comm_dtype or x_TD.dtype
+        if wire not in _DTYPES:
+            raise ValueError(f"activations in {wire} cannot go on the wire; use one of {_DTYPES} "
+                             "(EPConfig.comm_dtype)")
         dest_TK = self.placement.dest_ranks(layer, topk_ids_TK, self.rank, token_index_T)
         plan = plan_dispatch(topk_ids_TK, topk_weights_TK, dest_TK, self.world_size)
-        wire = self.config.comm_dtype or x_TD.dtype
         x_SD = x_TD.to(self.device)[plan.token_S.to(self.device)].to(wire)
         self._count(plan, dest_TK, x_SD)
         y_SD = self._round(layer, plan.send_counts, x_SD, plan.ids_SK, plan.weights_SK, done=False)
@@ -125,7 +128,8 @@ class ExpertParallel:
             return None
         ref = got_R6[active][0]
         layer_now, D, code, K = int(ref[1]), int(ref[3]), int(ref[4]), int(ref[5])
-        bad = active & ((got_R6[:, 1] != layer_now) | (got_R6[:, 3] != D) | (got_R6[:, 4] != code))
+        bad = active & ((got_R6[:, 1] != layer_now) | (got_R6[:, 3] != D) | (got_R6[:, 4] != code)
+                        | (got_R6[:, 5] != K))
         if bad.any():
             r = int(bad.nonzero()[0])
             raise RuntimeError(

@@ -276,8 +276,11 @@ def launch_job(config, command: list[str], *, placement: str | None = None, grou
     if self_check_steps:
         return _finish(run_torchrun(config, "moe.ep", base + ["--self-check", str(self_check_steps)]),
                        config, TIMEOUT_EXIT, "")
-    if placement and not os.path.isfile(placement):
-        raise FileNotFoundError(f"placement file {placement} does not exist")
+    if placement:
+        ranks = ExpertPlacement.load(placement).world_size  # a malformed file fails here, not on every rank
+        if config.nnodes.isdigit() and ranks != config.nproc_per_node * int(config.nnodes):
+            raise ValueError(f"placement file {placement} is for {ranks} ranks, the job has "
+                             f"{config.nproc_per_node * int(config.nnodes)}")
     if not command:
         raise ValueError("give the moe command to run after --, e.g. `moe launch --nproc-per-node 2 -- generate ...`")
     if command[0] == "launch":

@@ -111,10 +111,17 @@ CASES_4 = (
 
 def _worker(rank, world_size, cases):
     assert check_rank(rank, world_size, cases) > 0
+    if world_size == 2:  # ranks at different layers: both must raise, neither may hang
+        from moe.comms.ep import ExpertParallel
+
+        case = CheckCase(layers=2, experts=4, k=2, d=4, f=4)
+        ep = ExpertParallel(placement=ExpertPlacement.contiguous(2, 4, 2), expert_fn=SwigluExperts(case))
+        with pytest.raises(RuntimeError, match="out of step"):
+            ep(rank, torch.randn(2, 4), torch.tensor([[0, 3], [1, 2]]), torch.ones(2, 2))
 
 
 def test_ep_two_ranks_match_reference():
-    """With 2 gloo ranks, uneven batches and draining, EP outputs equal the single-process MoE."""
+    """With 2 gloo ranks, uneven batches and draining, EP outputs equal the single-process MoE; ranks out of step raise."""
     run_local(2, _worker, CASES_2, timeout_s=30)
 
 

@@ -103,13 +103,16 @@ def test_launch_fails_fast_when_a_rank_dies(tmp_path):
 
 
 def test_launch_refuses_bad_requests_before_starting(tmp_path):
-    """No command, a missing placement file, or an existing output without --resume fail at once with a message."""
+    """No command, a missing or mismatched placement, or an existing output without --resume fail at once with a message."""
     _write_prompts(tmp_path / "in.jsonl")
     (tmp_path / "out.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(CliError, match="give the moe command to run after --"):
         _launch_in_process(["--nproc-per-node", "2"])
     with pytest.raises(FileNotFoundError, match="placement file"):
         _launch_in_process(["--placement", str(tmp_path / "nope.json"), "--", "generate"])
+    ExpertPlacement.contiguous(4, 8, 4).save(tmp_path / "p4.json")
+    with pytest.raises(ValueError, match="is for 4 ranks, the job has 2"):
+        _launch_in_process(["--nproc-per-node", "2", "--placement", str(tmp_path / "p4.json"), "--", "generate"])
     with pytest.raises(ValueError, match="already exists and is not empty"):
         _launch_in_process(["--nproc-per-node", "2", "--", "generate", "--input", str(tmp_path / "in.jsonl"),
                             "--output", str(tmp_path / "out.jsonl")])
