@@ -125,10 +125,15 @@ def _install_generate_hook(ctx: _WorkerContext) -> None:
     job.load_model = load_model_ep
 
 
+_COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _parse_worker(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moe.ep", description="one rank of `moe launch`")
     p.add_argument("--placement", default=None, help="placement JSON (default: contiguous)")
     p.add_argument("--group-timeout", type=float, default=300.0, help="collective timeout in seconds")
+    p.add_argument("--comm-dtype", choices=sorted(_COMM_DTYPES), default=None,
+                   help="dtype of hidden rows on the wire (default: the activations')")
     p.add_argument("--self-check", type=int, default=0, metavar="STEPS",
                    help="instead of a command, check EP against the reference for STEPS steps")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- moe command; {rank} is replaced")
@@ -176,7 +181,8 @@ def worker_main(argv: list[str] | None = None) -> int:
             log(f"self-check passed ({check_rank(rank, world, cases, group)} layer calls match the reference)")
             return 0
         placement = ExpertPlacement.load(args.placement) if args.placement else None
-        ctx = _WorkerContext(group=group, placement=placement, config=EPConfig())
+        comm = _COMM_DTYPES[args.comm_dtype] if args.comm_dtype else None
+        ctx = _WorkerContext(group=group, placement=placement, config=EPConfig(comm_dtype=comm))
         _install_generate_hook(ctx)
         code = _run_command([a.replace("{rank}", str(rank)) for a in args.command])
         if code != 0:
@@ -259,7 +265,7 @@ def _merge_outputs(records, world: int, folder: str, output: str | None) -> int:
 
 
 def launch_job(config, command: list[str], *, placement: str | None = None, group_timeout_s: float = 300.0,
-               self_check_steps: int = 0, log=print) -> int:
+               comm_dtype: str | None = None, self_check_steps: int = 0, log=print) -> int:
     """`moe launch`: run `moe COMMAND` on every rank through torchrun, expert-parallel.
 
     For `generate`, the input is validated here, dealt round-robin over the ranks, and the
@@ -272,7 +278,10 @@ def launch_job(config, command: list[str], *, placement: str | None = None, grou
 
     from moe.comms.launch import TIMEOUT_EXIT, run_torchrun
 
-    base = ["--group-timeout", str(group_timeout_s)] + (["--placement", placement] if placement else [])
+    if comm_dtype is not None and comm_dtype not in _COMM_DTYPES:
+        raise ValueError(f"comm dtype must be one of {', '.join(sorted(_COMM_DTYPES))}, got {comm_dtype!r}")
+    base = ["--group-timeout", str(group_timeout_s)] + (["--placement", placement] if placement else []) \
+        + (["--comm-dtype", comm_dtype] if comm_dtype else [])
     if self_check_steps:
         return _finish(run_torchrun(config, "moe.ep", base + ["--self-check", str(self_check_steps)]),
                        config, TIMEOUT_EXIT, "")
