@@ -15,7 +15,8 @@ and a copy issued now lands after the copies chosen before it: if it lands befor
 layer starts the item counts as cached, otherwise as a copy in flight. Candidates are
 picked greedily by gain, re-scored after each pick (a second copy into the same layer is
 worth less once the first is there), until the free slots or the link's idle time run
-out or no candidate saves more than `min_gain_s`. The returned order is the issue order;
+out or no candidate saves more than `min_gain_s`. Later layers are scored with unbounded
+copy slots (their evictions are not known yet). The returned order is the issue order;
 the runtime cancels what is not yet issued when the forecast changes.
 """
 from __future__ import annotations
