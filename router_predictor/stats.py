@@ -23,7 +23,7 @@ __all__ = ["trace_stats", "format_stats"]
 
 
 def trace_stats(trace: RoutingTrace) -> dict:
-    """The statistics above as plain lists and floats (JSON-ready)."""
+    """The statistics above as plain lists and floats (JSON-ready: undefined values are None)."""
     T, L, K, E = trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts
     ids_TLK = trace.expert_ids.long()
     oh_TLE = one_hot_experts(ids_TLK.reshape(-1, K), E).reshape(T, L, E)
@@ -48,7 +48,7 @@ def trace_stats(trace: RoutingTrace) -> dict:
         trans_recall.append(_recall(score_TE, tgt_TE, K))
         prior_recall.append(_recall(counts_LE[l + 1].expand(T, E), tgt_TE, K))
         mi_bits.append(_mutual_info(top1_TL[:, l], top1_TL[:, l + 1], E))
-    return {
+    return _nan_to_none({
         "tokens": T, "layers": L, "experts": E, "top_k": K, "sequences": trace.num_sequences,
         "model": trace.model, "source": trace.source,
         "frequency": freq_LE.tolist(),
@@ -59,7 +59,22 @@ def trace_stats(trace: RoutingTrace) -> dict:
             "prior_recall_mean": _mean(prior_recall),
             "top1_mutual_info_bits_mean": _mean(mi_bits),
         },
-    }
+    })
+
+
+def _nan_to_none(x):
+    # JSON has no NaN: a trace without token pairs or with one layer leaves some values undefined.
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _fmt(x) -> str:
+    return "  n/a" if x is None else f"{x:.3f}"
 
 
 def _recall(score_TE: torch.Tensor, tgt_TE: torch.Tensor, k: int) -> float:
@@ -92,16 +107,16 @@ def format_stats(stats: dict) -> str:
         f"{stats['tokens']} tokens in {stats['sequences']} sequences, {stats['layers']} layers, "
         f"top-{stats['top_k']} of {stats['experts']} experts  (model {stats['model'] or '?'}, "
         f"source {stats['source'] or '?'})",
-        f"temporal reuse (same layer, next token): {stats['temporal_reuse']['mean']:.3f} "
+        f"temporal reuse (same layer, next token): {_fmt(stats['temporal_reuse']['mean'])} "
         f"(chance {stats['temporal_reuse']['chance']:.3f})",
-        f"inter-layer transition recall@{stats['top_k']}: {stats['transition']['recall_mean']:.3f} "
-        f"(frequency prior {stats['transition']['prior_recall_mean']:.3f}); top-1 mutual information "
-        f"{stats['transition']['top1_mutual_info_bits_mean']:.3f} bits",
+        f"inter-layer transition recall@{stats['top_k']}: {_fmt(stats['transition']['recall_mean'])} "
+        f"(frequency prior {_fmt(stats['transition']['prior_recall_mean'])}); top-1 mutual information "
+        f"{_fmt(stats['transition']['top1_mutual_info_bits_mean'])} bits",
         "layer  reuse  transition  hottest experts (share)",
     ]
-    trans = stats["transition"]["recall_per_layer"] + [float("nan")]
+    trans = stats["transition"]["recall_per_layer"] + [None]
     for l, freq in enumerate(stats["frequency"]):
         hot = sorted(range(len(freq)), key=lambda e: -freq[e])[:3]
         hot_s = " ".join(f"{e}({freq[e]:.2f})" for e in hot)
-        lines.append(f"{l:5d}  {stats['temporal_reuse']['per_layer'][l]:.3f}  {trans[l]:10.3f}  {hot_s}")
+        lines.append(f"{l:5d}  {_fmt(stats['temporal_reuse']['per_layer'][l])}  {_fmt(trans[l]):>10s}  {hot_s}")
     return "\n".join(lines)

@@ -98,6 +98,8 @@ def test_trace_stats_known_answers():
     assert st["temporal_reuse"]["per_layer"] == [0.5]
     assert st["frequency"] == [[0.25, 0.125, 0.375, 0.25]]
     assert "temporal reuse" in format_stats(st)
+    # One layer: no transitions; the JSON holds None, never NaN.
+    assert st["transition"]["recall_mean"] is None and "NaN" not in json.dumps(st)
 
 
 def test_trace_recorder_assembles_forwards():
