@@ -35,6 +35,14 @@ class ReplayTrace:
     weights_TLK: np.ndarray | None = None
     forecaster: Forecaster | None = None
 
+    def head(self, tokens: int) -> "ReplayTrace":
+        """The first `tokens` tokens (forecasts index tokens from 0, so they stay aligned)."""
+        if tokens >= len(self.ids_TLK):
+            return self
+        starts = [s for s in self.seq_starts if s < tokens] + [tokens]
+        w = None if self.weights_TLK is None else self.weights_TLK[:tokens]
+        return ReplayTrace(ids_TLK=self.ids_TLK[:tokens], seq_starts=starts, weights_TLK=w, forecaster=self.forecaster)
+
     def run(self, policy, config: ReplayConfig) -> ReplayResult:
         return replay(self.ids_TLK, policy, config, weights_TLK=self.weights_TLK, seq_starts=self.seq_starts,
                       forecaster=self.forecaster)
@@ -43,7 +51,9 @@ class ReplayTrace:
 @dataclass(kw_only=True)
 class CompareConfig:
     """capacity: slots per layer; num_experts: E; load_budget: predictive's load cap as a
-    multiple of LRU's on the fit trace; policies: names to run (see POLICY_NAMES)."""
+    multiple of LRU's on the fit trace; policies: names to run (see POLICY_NAMES);
+    tune_tokens: tuning replays at most this many leading tokens of the fit trace (each
+    setting of the grid is one replay, so long traces would make tuning slow)."""
 
     capacity: int
     num_experts: int
@@ -52,9 +62,12 @@ class CompareConfig:
     decays: tuple[float, ...] = (0.5, 0.7, 0.9)
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     max_prefetches: tuple[int, ...] = (1, 2)
+    tune_tokens: int = 4000
 
     def __post_init__(self) -> None:
         ReplayConfig(capacity=self.capacity, num_experts=self.num_experts)  # validates both
+        if self.tune_tokens < 1:
+            raise ValueError(f"tune_tokens must be >= 1, got {self.tune_tokens}")
         if self.load_budget < 1.0:
             raise ValueError(f"load_budget must be >= 1.0 (a multiple of LRU's loads), got {self.load_budget}")
         unknown = set(self.policies) - set(POLICY_NAMES)
@@ -95,17 +108,18 @@ def compare_policies(measure: ReplayTrace, fit: ReplayTrace, cfg: CompareConfig)
     """
     out: dict = {"capacity": cfg.capacity, "policies": {}, "tuned": {}}
     ids = np.asarray(measure.ids_TLK)
+    tune = fit.head(cfg.tune_tokens)
     for name in cfg.policies:
         if name == "belady":
             pol = make_policy("belady", future_TLK=ids)
         elif name == "score":
-            sc = tune_score(fit, cfg)
+            sc = tune_score(tune, cfg)
             out["tuned"]["score"] = vars(sc)
             pol = make_policy("score", **vars(sc))
         elif name == "predictive":
             if measure.forecaster is None or fit.forecaster is None:
                 raise ValueError("policy 'predictive' needs forecasters for the fit and the measured trace")
-            pc, info = tune_predictive(fit, cfg)
+            pc, info = tune_predictive(tune, cfg)
             out["tuned"]["predictive"] = {**vars(pc), **info}
             pol = make_policy("predictive", **vars(pc))
         elif name == "static-hot":

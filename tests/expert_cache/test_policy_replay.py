@@ -221,3 +221,14 @@ def test_policy_replay_config_rejects_capacity_beyond_experts():
     """A capacity above the layer's expert count is rejected with the valid range."""
     with pytest.raises(ValueError, match=r"1\.\.8 slots"):
         ReplayConfig(capacity=9, num_experts=8)
+
+
+def test_policy_replay_trace_head_keeps_alignment():
+    """A replay trace's head keeps whole leading tokens and clips sequence starts."""
+    from moe.expert_cache.compare import ReplayTrace
+
+    ids = np.arange(10 * 2).reshape(10, 1, 2) % 5
+    rt = ReplayTrace(ids_TLK=ids, seq_starts=[0, 4, 8, 10], weights_TLK=np.ones((10, 1, 2)))
+    h = rt.head(6)
+    assert h.seq_starts == [0, 4, 6] and h.ids_TLK.shape == (6, 1, 2) and h.weights_TLK.shape == (6, 1, 2)
+    assert rt.head(99) is rt
