@@ -118,10 +118,29 @@ def _worker(rank, world_size, cases):
         ep = ExpertParallel(placement=ExpertPlacement.contiguous(2, 4, 2), expert_fn=SwigluExperts(case))
         with pytest.raises(RuntimeError, match="out of step"):
             ep(rank, torch.randn(2, 4), torch.tensor([[0, 3], [1, 2]]), torch.ones(2, 2))
+        _silent_peer(rank, ExpertParallel, case, timeout_s=2.0)
+
+
+def _silent_peer(rank, ExpertParallel, case, timeout_s):
+    """Rank 1 never joins a round; rank 0 must raise after the group timeout, not hang."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=timeout_s))
+    if rank == 1:
+        time.sleep(timeout_s + 1.5)
+        return
+    ep = ExpertParallel(placement=ExpertPlacement.contiguous(1, 4, 2), expert_fn=SwigluExperts(case), group=group)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        ep(0, torch.randn(3, 4), torch.tensor([[0, 3]] * 3), torch.ones(3, 2))
+    assert time.monotonic() - t0 < timeout_s + 3
 
 
 def test_ep_two_ranks_match_reference():
-    """With 2 gloo ranks, uneven batches and draining, EP outputs equal the single-process MoE; ranks out of step raise."""
+    """With 2 gloo ranks, uneven batches and draining, EP outputs equal the single-process MoE; ranks out of step raise, a silent rank times out the other."""
     run_local(2, _worker, CASES_2, timeout_s=30)
 
 
@@ -129,23 +148,3 @@ def test_ep_four_ranks_match_reference():
     """With 4 gloo ranks (replicas, k=1..4, empty steps), EP outputs equal the single-process MoE."""
     run_local(4, _worker, CASES_4, timeout_s=30)
 
-
-def _silent_peer_worker(rank, world_size, timeout_s):
-    import time
-
-    if rank == 1:  # hangs: never joins the round
-        time.sleep(timeout_s + 1.5)
-        return
-    case = CheckCase(layers=1, experts=4, k=2, d=4, f=4)
-    from moe.comms.ep import ExpertParallel
-
-    ep = ExpertParallel(placement=ExpertPlacement.contiguous(1, 4, 2), expert_fn=SwigluExperts(case))
-    t0 = time.monotonic()
-    with pytest.raises(RuntimeError):
-        ep(0, torch.randn(3, 4), torch.tensor([[0, 3]] * 3), torch.ones(3, 2))
-    assert time.monotonic() - t0 < timeout_s + 3
-
-
-def test_silent_rank_times_out_the_others():
-    """A rank that never joins a round makes the others raise after the group timeout instead of hanging."""
-    run_local(2, _silent_peer_worker, 2.0, timeout_s=2.0)
