@@ -8,7 +8,14 @@ data-parallel share of the input; `enable_expert_parallel` swaps each
 picks experts and the executor runs them on whichever rank holds them. A rank's
 experts are taken from the block's host store once, onto the executor's device.
 
-`python -m moe.ep` is what `moe launch` starts on every rank (see `worker_main`).
+Expert grouping (comms.grouping) applies here through the placement. Token shuffling
+(comms.shuffle) does not: attention is data-parallel with each sequence's KV cache on
+its owner, so a token must be back on its owner after every MoE layer; the shuffle's
+gains (see `moe bench a2a`) need attention that is not pinned to one rank.
+
+`python -m moe.ep` is what `moe launch` starts on every rank (see `worker_main`). It
+enables expert parallelism on the model that `moe generate` loads by wrapping
+`moe.generate_job.load_model`; other commands run on every rank unchanged.
 """
 from __future__ import annotations
 
