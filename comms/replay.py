@@ -10,8 +10,10 @@ Model (stated so the numbers can be checked):
   in D_l (the ranks serving its K experts; a local copy always serves) other than `loc`:
   dispatch rows = |D_l - {loc}|.
 - Combine: the partial outputs and the residual are summed on the rank where the token
-  lives next, `next` (= loc without shuffling; home after the last layer), so
-  combine rows = |(D_l | {loc}) - {next}|. Without shuffling this equals the dispatch rows.
+  lives next, `next`, so combine rows = |(D_l | {loc}) - {next}|. next = loc without
+  shuffling, and after the last layer, whose output is used (final norm, LM head,
+  sampling) where the token lives: only the sampled id, a few bytes, not counted, goes
+  to the owner. Without shuffling the combine rows equal the dispatch rows.
 - A shuffled token keeps living on `next`: its next attention runs there. That holds
   where attention is not pinned to the data-parallel owner (tensor-parallel or
   replicated attention across the EP group, as in DeepSpeed-MoE); with KV caches pinned
@@ -118,7 +120,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
         cand_TR = served_TR.clone()
         cand_TR[token_T, loc_T] = True
         if l == L - 1 or shuffle is None:
-            next_T = home_T if l == L - 1 else loc_T
+            next_T = loc_T
         elif isinstance(shuffle, str):
             if shuffle != "oracle":
                 raise ValueError(f"shuffle must be None, 'oracle' or a TransitionShuffler, got {shuffle!r}")
