@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from moe.scheduler.cost_model import AnalyticCostModel
+from moe.scheduler.work import WorkItem
 
 __all__ = ["CalibrationConfig", "calibrate", "fit_roofline", "measure_read_gbps", "measure_matmul_gflops", "measure_h2d"]
 
@@ -101,7 +102,7 @@ def fit_roofline(nbytes: int, flops_per_token: int, samples: list[tuple[int, flo
 def _median_time(
     fn: Callable[[int], None], repeats: int, sync: Callable[[], None] = lambda: None, budget_s: float = 0.1
 ) -> float:
-    """Median seconds of fn(r) for r = 0, 1, ... after two untimed warm-up calls.
+    """Median seconds of fn(i) for i = 2, 3, ... after untimed warm-up calls fn(0), fn(1).
 
     Runs at least `repeats` calls and keeps going until `budget_s` has passed (at most
     1000 calls): cheap calls get many samples, so the median shrugs off the odd stall of
@@ -114,7 +115,7 @@ def _median_time(
     start = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start < budget_s and len(times) < 1000):
         t0 = time.perf_counter()
-        fn(len(times))
+        fn(2 + len(times))
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -151,8 +152,8 @@ def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], Non
     samples = []
     for tokens in cfg.token_counts:
         x_TD = torch.randn(tokens, d, generator=gen).to(device=device, dtype=dtype)
-        # Each timed call uses the next expert of the pool, so its weights come from memory.
-        secs = _median_time(lambda r: fn(x_TD, w13[(r + 1) % pool], w2[(r + 1) % pool]), cfg.repeats, sync)
+        # Each call uses the next expert of the pool, so its weights come from memory.
+        secs = _median_time(lambda i: fn(x_TD, w13[i % pool], w2[i % pool]), cfg.repeats, sync)
         samples.append((tokens, secs))
     tiny_x = torch.randn(1, 16, generator=gen).to(device=device, dtype=dtype)
     tiny_w13 = torch.randn(32, 16, generator=gen).to(device=device, dtype=dtype)
@@ -170,9 +171,7 @@ def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], Non
     }
 
 
-def _probe_item(tokens: int, nbytes: int, fpt: int):
-    from moe.scheduler.work import WorkItem
-
+def _probe_item(tokens: int, nbytes: int, fpt: int) -> WorkItem:
     return WorkItem(key="probe", tokens=tokens, weight_bytes=nbytes, flops_per_token=fpt)
 
 
