@@ -13,9 +13,10 @@ choose, layer by layer, which rank holds which expert to maximise
 (the co-clustering objective of Sem-MoE, in the pairwise form), with every rank holding
 the same number of experts per layer (its memory) and at most `load_cap` times the mean
 activation load per layer (where no layout meets the cap, the search first minimises the
-heaviest rank; replicas, `ExpertPlacement.with_replicas`, are then the remedy). Intra-layer co-location shrinks the set of ranks a token is
-sent to; inter-layer co-location lets a token shuffled to one of its layer-l ranks find
-a layer-(l+1) expert there.
+heaviest rank; replicas, `ExpertPlacement.with_replicas`, are then the remedy).
+Intra-layer co-location shrinks the set of ranks a token is sent to; inter-layer
+co-location lets a token shuffled to one of its layer-l ranks find a layer-(l+1) expert
+there.
 
 Search: from the contiguous layout and a few random layouts, repeated best-improving
 swaps of two experts on two ranks of one layer (swaps keep the per-rank expert count);

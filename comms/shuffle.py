@@ -10,10 +10,9 @@ shuffle only chooses among those candidates: it never adds bytes, and a wrong gu
 costs only the ordinary remote dispatch at layer l+1. Outputs never change.
 
 The choice: the candidate r with the highest estimated P(r serves the token at l+1),
-learned from a profiling trace under the same placement:
-- `history` routing features: the token's expert set at layer l (pairs, via backoff) and
-  single experts at layers l, l-1, ... (naive-Bayes style average of conditionals);
-- `TokenTable` (optional): P(rank at layer l+1 | token id), where token ids are known.
+learned from a profiling trace under the same placement, from the token's routing in
+the last `history` layers: its expert pair at layer l and its single experts at layers
+l-1, l-2, ..., combined naive-Bayes style (sum of smoothed log-odds ratios).
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ class ShuffleConfig:
     prior: pseudo-counts of the backoff estimate added to each conditional.
     """
 
-    history: int = 2
+    history: int = 3
     prior: float = 2.0
 
     def __post_init__(self) -> None:
@@ -40,6 +39,13 @@ class ShuffleConfig:
             raise ValueError(f"history must be >= 1 layer, got {self.history}")
         if self.prior <= 0:
             raise ValueError(f"prior must be > 0 pseudo-counts, got {self.prior}")
+
+
+_EPS = 1e-3  # keeps smoothed probabilities off 0 and 1 before the logit
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p) - torch.log1p(-p)
 
 
 def _served_ranks(placement: ExpertPlacement, layer: int, ids_TK: torch.Tensor) -> torch.Tensor:
@@ -87,26 +93,30 @@ class TransitionShuffler:
         return lo * self.placement.num_experts + hi
 
     def scores(self, layer: int, history_THK: torch.Tensor) -> torch.Tensor:
-        """float64 [T, R]: estimated P(rank r serves the token at layer+1).
+        """float64 [T, R]: log-odds that rank r serves the token at layer+1.
 
         history_THK: the token's experts at layers layer, layer-1, ... (H' <= history rows).
+        Naive Bayes over features: the expert set at `layer` (pair table, K = 2) or its
+        single experts, and the single experts of earlier layers; each conditional is
+        smoothed towards the marginal with `prior` pseudo-counts.
         """
         a = self.config.prior
-        base_R = self.base_LR[min(layer + 1, self.base_LR.shape[0] - 1)]
-        T, H = history_THK.shape[0], min(history_THK.shape[1], self.config.history, layer + 1)
-        est, n_terms = torch.zeros(T, base_R.shape[0], dtype=torch.float64), 0
+        base_R = self.base_LR[min(layer + 1, self.base_LR.shape[0] - 1)].clamp(_EPS, 1 - _EPS)
+        base_logit_R = _logit(base_R)
+        s_TR = base_logit_R.expand(history_THK.shape[0], -1).clone()
+        H = min(history_THK.shape[1], self.config.history, layer + 1)
         for h in range(H):
-            ids_TK = history_THK[:, h].long()
-            cnt_TKR = self.single_LHER[layer, h][ids_TK]
-            n_TK1 = self.single_n_LHE[layer, h][ids_TK][..., None]
-            est += ((cnt_TKR + a * base_R) / (n_TK1 + a)).mean(1)
-            n_terms += 1
-        single_TR = est / max(n_terms, 1)
-        if self.pair_code_TL is None or history_THK.shape[2] != 2:
-            return single_TR
-        code_T = self._pair_code(history_THK[:, :1])[:, 0]
-        n_T1 = self.pair_n_LP[layer][code_T][:, None]
-        return (self.pair_LPR[layer][code_T] + a * single_TR) / (n_T1 + a)
+            if h == 0 and self.pair_code_TL is not None and history_THK.shape[2] == 2:
+                code_T = self._pair_code(history_THK[:, :1])[:, 0]
+                terms = [(self.pair_LPR[layer][code_T], self.pair_n_LP[layer][code_T][:, None])]
+            else:
+                ids_TK = history_THK[:, h].long()
+                cnt_ER, n_E = self.single_LHER[layer, h], self.single_n_LHE[layer, h]
+                terms = [(cnt_ER[ids_TK[:, k]], n_E[ids_TK[:, k]][:, None]) for k in range(ids_TK.shape[1])]
+            for cnt_TR, n_T1 in terms:
+                p_TR = ((cnt_TR + a * base_R) / (n_T1 + a)).clamp(_EPS, 1 - _EPS)
+                s_TR += _logit(p_TR) - base_logit_R
+        return s_TR
 
     def choose(self, layer: int, history_THK: torch.Tensor, candidates_TR: torch.Tensor,
                loc_T: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ def register(sub) -> None:
                    help="data-parallel owner of a token: tokens dealt round-robin, or whole sequences (default: token)")
     p.add_argument("--load-cap", type=float, default=1.2, metavar="X",
                    help="max per-rank load over the mean, per layer, on the profile (default: 1.2)")
-    p.add_argument("--history", type=int, default=2, metavar="H",
-                   help="layers of a token's routing the shuffle predictor looks at (default: 2)")
+    p.add_argument("--history", type=int, default=3, metavar="H",
+                   help="layers of a token's routing the shuffle predictor looks at (default: 3)")
     p.add_argument("--save-placement", metavar="FILE.json", default=None,
                    help="write the fitted placement (for `moe launch --placement`)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")

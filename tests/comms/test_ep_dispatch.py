@@ -140,7 +140,7 @@ def _silent_peer(rank, ExpertParallel, case, timeout_s):
 
 
 def test_ep_two_ranks_match_reference():
-    """With 2 gloo ranks, uneven batches and draining, EP outputs equal the single-process MoE; ranks out of step raise, a silent rank times out the other."""
+    """With 2 gloo ranks and uneven batches EP equals the single-process MoE; out-of-step or silent ranks raise."""
     run_local(2, _worker, CASES_2, timeout_s=30)
 
 

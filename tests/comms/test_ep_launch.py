@@ -47,7 +47,7 @@ def _write_prompts(path):
 
 
 def test_launch_generate_matches_single_process_and_resumes(tmp_path):
-    """Four EP ranks (uneven shards, replicated experts) give the single-process completions, every id once, resuming a partial output."""
+    """Four EP ranks (uneven shards, replicas) give the single-process completions, every id once, after resuming."""
     from moe.generate import GenerateConfig
     from moe.generate_job import GenerateJob, run_job
 
@@ -103,7 +103,7 @@ def test_launch_fails_fast_when_a_rank_dies(tmp_path):
 
 
 def test_launch_refuses_bad_requests_before_starting(tmp_path):
-    """No command, a missing or mismatched placement, or an existing output without --resume fail at once with a message."""
+    """No command, a bad placement, or an existing output without --resume fail at once with a message."""
     _write_prompts(tmp_path / "in.jsonl")
     (tmp_path / "out.jsonl").write_text('{"id": "a"}\n')
     with pytest.raises(CliError, match="give the moe command to run after --"):
