@@ -266,7 +266,8 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
         measurements.update(h2d_gbps=h2d_gbps, copy_call_s=copy_call_s, seconds=time.perf_counter() - t0)
         model = AnalyticCostModel(
             **cpu_rates, **dev_rates, h2d_gbps=h2d_gbps, copy_call_s=copy_call_s,
-            per_kind={"expert": expert_rates}, dtype=cfg.dtype, source=f"calibrated:{socket.gethostname()}",
+            per_kind={"expert": expert_rates}, shared_cores=cfg.device == "cpu", dtype=cfg.dtype,
+            source=f"calibrated:{socket.gethostname()}",
         )
         return model, measurements
     finally:

@@ -34,7 +34,12 @@ RATE_FIELDS = (
 
 
 class CostModel(abc.ABC):
-    """Predicts seconds for running an item on either side and for host->device copies."""
+    """Predicts seconds for running an item on either side and for host->device copies.
+
+    shared_cores: true when the "device" is the CPU itself, so nothing overlaps.
+    """
+
+    shared_cores: bool = False
 
     @abc.abstractmethod
     def cpu_time(self, item: WorkItem) -> float:
@@ -66,6 +71,8 @@ class AnalyticCostModel(CostModel):
     The defaults describe a PCIe-4 server with an H100-class device: they are what a run
     uses before `moe calibrate` has measured the machine.
     per_kind: {kind: {rate field: value}} overrides for one cost-model family.
+    shared_cores: the "device" runs on the same cores as the CPU side (CPU-only runs),
+        so CPU, copy and device work cannot overlap (see scheduler/makespan.py).
     dtype: weight dtype the rates describe (informative; profiles are measured per dtype).
     source: "analytic" or where the numbers came from (e.g. "calibrated:<host>").
     """
@@ -79,10 +86,13 @@ class AnalyticCostModel(CostModel):
     h2d_gbps: float = 22.0
     copy_call_s: float = 10e-6
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    shared_cores: bool = False
     dtype: str = "bfloat16"
     source: str = "analytic"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.shared_cores, bool):
+            raise ValueError(f"AnalyticCostModel: shared_cores must be true or false, got {self.shared_cores!r}")
         for name in RATE_FIELDS + ("h2d_gbps", "copy_call_s"):
             _check_rate("AnalyticCostModel", name, getattr(self, name))
         for kind, overrides in self.per_kind.items():
@@ -108,14 +118,15 @@ class AnalyticCostModel(CostModel):
     def defaults(cls, device: str = "cuda") -> AnalyticCostModel:
         """Bandwidth-based defaults for `device` ("cuda", or "cpu" when the fast tier is the CPU itself).
 
-        With device="cpu" the "device" runs on the same cores and memory, and a "copy" is a
-        host memcpy: the model then only keeps the bookkeeping path honest, it does not
-        promise a speed-up.
+        With device="cpu" the "device" runs on the same cores and memory (shared_cores) and
+        a "copy" is a host memcpy: the model then only keeps the bookkeeping path honest,
+        it does not promise a speed-up.
         """
         if device == "cuda":
             return cls()
         if device == "cpu":
-            return cls(device_read_gbps=40.0, device_gflops=400.0, device_call_s=30e-6, h2d_gbps=10.0, copy_call_s=5e-6)
+            return cls(device_read_gbps=40.0, device_gflops=400.0, device_call_s=30e-6, h2d_gbps=10.0,
+                       copy_call_s=5e-6, shared_cores=True)
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
 
     def _time(self, item: WorkItem, side: str) -> float:

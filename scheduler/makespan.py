@@ -11,7 +11,11 @@ Resource model (what `plan_layer` optimises):
 - Device: runs its items one after another. A cached item can start at once; an item
   that waits for a copy starts when its copy has landed and the device is free.
 
-Makespan = max(CPU finish, device finish). Given which items go to the device, the best
+Makespan = max(CPU finish, device finish). When the cost model says `shared_cores` (the
+"device" is the CPU itself, as in CPU-only runs), nothing overlaps: the makespan is also
+at least the link's earlier work plus every CPU, copy and device second, one after another.
+
+Given which items go to the device, the best
 order is fixed, so it needs no search:
 - the device takes items in order of readiness (cached, then copies in flight by
   landing time, then new copies): earliest-release-date order is optimal for one
@@ -77,6 +81,7 @@ class LayerCosts:
         self.needs_copy = [not it.cached and not it.in_flight for it in items]
         in_flight = [r for r in self.ready if r is not None]
         self.link_start = max([float(link_free_s)] + in_flight)
+        self.shared_cores = bool(cost.shared_cores)
         cached_idx = [i for i in range(self.n) if self.cached[i]]
         flight_idx = sorted((i for i in range(self.n) if self.ready[i] is not None), key=lambda i: self.ready[i])
         new_idx = johnson_order([i for i in range(self.n) if self.needs_copy[i]], self.copy, self.dev)
@@ -126,7 +131,10 @@ class LayerCosts:
             link_S = link_SM[:, -1]
         else:
             link_S = np.full(n_sets, self.link_start)
-        busy_S = cpu_S + (link_S - self.link_start) + on_f_SN @ self._dev_N
+        dev_busy_S = on_f_SN @ self._dev_N
+        busy_S = cpu_S + (link_S - self.link_start) + dev_busy_S
+        if self.shared_cores:
+            dev_S = np.maximum(dev_S, self.link_start + busy_S)
         return np.maximum(cpu_S, dev_S), busy_S
 
     def _score(self, on_dev: Sequence[bool]) -> tuple[float, float]:
@@ -143,16 +151,21 @@ class LayerCosts:
         for i in range(self.n):
             if not on_dev[i]:
                 cpu_s += self.cpu[i]
-        dev_s = 0.0
+        dev_s = dev_busy_s = 0.0
         for i in self.old_order:
             if on_dev[i]:
+                dev_busy_s += self.dev[i]
                 r = self.ready[i]
                 dev_s = (dev_s if r is None or r <= dev_s else r) + self.dev[i]
         link_s = self.link_start
         for i in new_order:
             if on_dev[i]:
+                dev_busy_s += self.dev[i]
                 link_s += self.copy[i]
                 dev_s = (dev_s if dev_s >= link_s else link_s) + self.dev[i]
+        if self.shared_cores:
+            # One pool of cores does everything, one item after another.
+            dev_s = max(dev_s, cpu_s + link_s + dev_busy_s)
         return Timeline(cpu_s=cpu_s, link_s=link_s, device_s=dev_s)
 
 

@@ -129,3 +129,21 @@ def test_bad_copy_order_and_duplicate_keys():
         makespan([_item("a"), _item("a")], {"a": C}, cost)
     with pytest.raises(ValueError, match="link_free_s"):
         makespan(items, {"a": C, "b": C}, cost, link_free_s=-1.0)
+
+
+class SharedTableCost(TableCost):
+    """TableCost for a run whose "device" is the CPU itself."""
+
+    shared_cores = True
+
+
+def test_shared_cores_serialise_everything():
+    """With shared cores the makespan is every CPU, copy and device second added up (plus earlier link work)."""
+    cost = SharedTableCost({"a": (5.0, 1.0), "b": (4.0, 2.0), "c": (3.0, 1.5), "d": (2.0, 9.0)})
+    items = [_item("a", cached=True), _item("b", 3000), _item("c", 1000), _item("d", 500)]
+    placement = {"a": D, "b": P, "c": P, "d": C}
+    assert makespan(items, placement, cost) == 2.0 + (3.0 + 1.0) + (1.0 + 2.0 + 1.5)
+    assert makespan(items, placement, cost, link_free_s=1.0) == 1.0 + 2.0 + 4.0 + 4.5
+    costs = LayerCosts(items, cost)
+    ms_S, _ = costs.evaluate_many(np.ones((40, 4), dtype=bool))
+    assert np.allclose(ms_S, (3.0 + 1.0 + 0.5) + (1.0 + 2.0 + 1.5 + 9.0))  # copies b, c, d; runs a..d

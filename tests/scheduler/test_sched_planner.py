@@ -133,3 +133,23 @@ def test_exhaustive_plan_is_optimal_and_bounded():
     many = [WorkItem(key=i, tokens=1, weight_bytes=1, flops_per_token=1) for i in range(21)]
     with pytest.raises(ValueError, match="limited"):
         plan_exhaustive(many, TableCost({i: (1.0, 1.0) for i in range(21)}))
+
+
+class SharedTableCost(TableCost):
+    """TableCost for a run whose "device" is the CPU itself."""
+
+    shared_cores = True
+
+
+def test_shared_cores_pick_the_cheaper_side_per_item():
+    """When nothing overlaps, the best plan runs each item where it costs least, and dynamic finds it."""
+    rng = random.Random(11)
+    for n in range(1, 11):
+        times = {i: (rng.uniform(0.1, 5), rng.uniform(0.1, 5)) for i in range(n)}
+        cost = SharedTableCost(times)
+        items = [WorkItem(key=i, tokens=1, weight_bytes=rng.randint(0, 3000), flops_per_token=1,
+                          cached=rng.random() < 0.4) for i in range(n)]
+        want = sum(min(cost.cpu_time(it), cost.device_time(it) + (0 if it.cached else cost.copy_time(it.weight_bytes)))
+                   for it in items)
+        assert math.isclose(plan_layer(items, cost).makespan_s, want, rel_tol=1e-12)
+        assert math.isclose(plan_exhaustive(items, cost).makespan_s, want, rel_tol=1e-12)
