@@ -65,7 +65,8 @@ class LayerExecutor:
         try:
             if cpu_keys:
                 pool = self._get_pool()
-                futures = [pool.submit(run_cpu, key) for key in cpu_keys]
+                for key in cpu_keys:  # appended one by one: a failed submit still joins the rest
+                    futures.append(pool.submit(run_cpu, key))
             for key in plan.copy_order:
                 start_copy(key)
             if device_keys:
