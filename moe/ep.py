@@ -243,17 +243,22 @@ def _write_shards(records, world: int, folder: str) -> list[int]:
     return counts
 
 
-def _merge_outputs(records, world: int, folder: str, output: str | None) -> int:
-    """Append every rank's finished results to `output` in input order; returns how many."""
+def _merge_outputs(records, world: int, folder: str, output: str | None) -> tuple[int, list[int]]:
+    """Append the finished results in `folder` to `output` in input order.
+
+    Returns (results written, ranks that left an output file). On several nodes every
+    node's launcher has its own folder, which only its own ranks write to.
+    """
     import json
 
     from moe.jsonl import JsonlWriter
 
-    found = {}
+    found, ranks = {}, []
     for r in range(world):
         path = os.path.join(folder, f"out-{r}.jsonl")
         if not os.path.exists(path):
             continue
+        ranks.append(r)
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
@@ -268,7 +273,7 @@ def _merge_outputs(records, world: int, folder: str, output: str | None) -> int:
             if rec.id in found:
                 writer.write(found[rec.id])
                 written += 1
-    return written
+    return written, ranks
 
 
 def launch_job(config, command: list[str], *, placement: str | None = None, group_timeout_s: float = 300.0,
@@ -277,7 +282,9 @@ def launch_job(config, command: list[str], *, placement: str | None = None, grou
 
     For `generate`, the input is validated here, dealt round-robin over the ranks, and the
     per-rank results are merged into one --output (every id once, input order). Results
-    that finished before a failure are merged too, so `--resume` continues the run.
+    that finished before a failure are merged too, so `--resume` continues the run. On
+    several nodes each node's launcher appends its own ranks' results (one write per
+    line, so a shared --output file gets every id once, grouped by node).
     Raises RuntimeError with a message naming the failure when the job fails or times out.
     """
     import shutil
@@ -332,10 +339,12 @@ def launch_job(config, command: list[str], *, placement: str | None = None, grou
         argv = ["generate", *rest, "--input", os.path.join(folder, "shard-{rank}.jsonl"),
                 "--output", os.path.join(folder, "out-{rank}.jsonl")]
         rc = run_torchrun(config, "moe.ep", base + ["--", *argv])
-        written = _merge_outputs(pending, world, folder, ns.output)
-        where = f"; {written} of {len(pending)} results were written to {ns.output or 'stdout'}"
-        if rc == 0 and written != len(pending):
-            raise RuntimeError(f"the ranks finished but only {written} of {len(pending)} results came back")
+        written, ranks = _merge_outputs(pending, world, folder, ns.output)
+        # On several nodes this launcher sees only its own ranks' results.
+        expected = len(pending) if world == config.nproc_per_node else sum(counts[r] for r in ranks)
+        where = f"; {written} of {expected} results were written to {ns.output or 'stdout'}"
+        if rc == 0 and written != expected:
+            raise RuntimeError(f"the ranks finished but only {written} of {expected} results came back")
         return _finish(rc, config, TIMEOUT_EXIT, where + (" (rerun with --resume to finish)" if ns.output else ""))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -126,3 +126,22 @@ def test_enable_needs_a_wrapped_model():
 
     with pytest.raises(ValueError, match="has no HybridMoeBlock"):
         enable_expert_parallel(torch.nn.Linear(2, 2))
+
+
+def test_shards_pad_empty_ranks_and_merge_keeps_input_order(tmp_path):
+    """Ranks without prompts get one pad prompt; merging drops pads and torn lines and keeps input order."""
+    from moe.ep import _merge_outputs, _strip_options, _write_shards
+    from moe.jsonl import PromptRecord
+
+    records = [PromptRecord(id=i, prompt=f"p{i}", line=i + 1) for i in range(2)]
+    assert _write_shards(records, 4, str(tmp_path)) == [1, 1, 0, 0]
+    pad = json.loads((tmp_path / "shard-3.jsonl").read_text())
+    assert pad["id"] == "__moe_launch_pad_3__" and pad["prompt"] == "p0"
+    (tmp_path / "out-1.jsonl").write_text('{"id": 1, "completion": "b"}\n')
+    (tmp_path / "out-3.jsonl").write_text('{"id": "__moe_launch_pad_3__", "completion": "x"}\n')
+    (tmp_path / "out-0.jsonl").write_text('{"id": 0, "completion": "a"}\n{"id": 5, "compl')
+    written, ranks = _merge_outputs(records, 4, str(tmp_path), str(tmp_path / "final.jsonl"))
+    assert (written, ranks) == (2, [0, 1, 3])
+    assert [json.loads(x)["id"] for x in (tmp_path / "final.jsonl").read_text().splitlines()] == [0, 1]
+    argv = ["--input", "a", "--output=b", "--resume", "--max-new-tokens", "4"]
+    assert _strip_options(argv, ("--input", "--output"), ("--resume",)) == ["--max-new-tokens", "4"]
