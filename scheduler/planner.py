@@ -152,7 +152,9 @@ def _two_ended(costs: LayerCosts, limit: int) -> list[bool]:
 
     Items are sorted so the device end sees cached items first, then copies in flight,
     then the rest by tokens (descending); the CPU end sees the lowest loads. At each step
-    the end whose finishing time after taking its next item is lower takes it.
+    the end whose finishing time after taking its next item is lower takes it. The device
+    end's time assumes copies in the order taken (an upper bound on Johnson's order,
+    and O(1) per step); local search then works with exact makespans.
     """
     n = costs.n
     order = sorted(
@@ -160,22 +162,28 @@ def _two_ended(costs: LayerCosts, limit: int) -> list[bool]:
         key=lambda i: (not costs.cached[i], costs.ready[i] is None, -costs.items[i].tokens, -costs.cpu[i]),
     )
     on_dev = [False] * n
-    assigned_dev = [False] * n
     lo, hi, cpu_s, copies = 0, n - 1, 0.0, 0
+    dev_s, link_s = 0.0, costs.link_start
     while lo <= hi:
         i, j = order[lo], order[hi]
         if costs.needs_copy[i] and copies >= limit:
             lo += 1  # no slot left: this item can only run on the CPU
             cpu_s += costs.cpu[i]
             continue
-        assigned_dev[i] = True
-        dev_finish = costs.evaluate(assigned_dev).device_s
+        ready = 0.0
+        if costs.needs_copy[i]:
+            ready = link_s + costs.copy[i]
+        elif costs.ready[i] is not None:
+            ready = costs.ready[i]
+        dev_finish = max(dev_s, ready) + costs.dev[i]
         if dev_finish <= cpu_s + costs.cpu[j]:
             on_dev[i] = True
-            copies += costs.needs_copy[i]
+            dev_s = dev_finish
+            if costs.needs_copy[i]:
+                copies += 1
+                link_s = ready
             lo += 1
         else:
-            assigned_dev[i] = False
             cpu_s += costs.cpu[j]
             hi -= 1
     return on_dev
@@ -243,7 +251,8 @@ def _dynamic(costs: LayerCosts, limit: int) -> list[bool]:
         cand, score = _local_search(costs, start, limit, max_k=start_k)
         if best_score is None or _better(score, best_score):
             best_set, best_score = cand, score
-    best_set, _ = _local_search(costs, best_set, limit, max_k=3)
+    if costs.n <= _PAIR_LIMIT:  # larger moves left to try on the best local optimum
+        best_set, _ = _local_search(costs, best_set, limit, max_k=3)
     return best_set
 
 
