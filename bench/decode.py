@@ -229,7 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--scale", type=float, default=None, help="dims and layers x this (default: 1 on cuda, 1/16 on cpu)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: real count x scale, >= 3)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: real count x scale, >= 3); "
+                   "at scale 1 every layer of Mixtral-8x7B is ~2.8 GiB and the run holds two copies in host RAM")
     p.add_argument("--budgets", default="0.25,0.5,0.75", help="device expert budgets, share of all expert bytes")
     p.add_argument("--prompts", default="32,512", help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default: 128 cuda, 16 cpu)")
