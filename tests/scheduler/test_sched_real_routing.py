@@ -1,11 +1,11 @@
 """The planner on real Mixtral-8x7B routing (HumanEval trace): near-optimal layer by layer, best overall."""
 import collections
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from moe.router_predictor.trace import import_vllm_jsonl
 from moe.scheduler.cost_model import AnalyticCostModel
 from moe.scheduler.exhaustive import plan_exhaustive
 from moe.scheduler.planner import RULES, LayerPlanner
@@ -20,15 +20,12 @@ BATCHES = [(1, 40), (8, 20), (32, 10)]
 
 @pytest.fixture(scope="module")
 def tokens():
-    """Per token (in trace order), the experts of each of the 32 layers; tokens missing a layer are skipped."""
+    """Per token (sequences in order), the experts of each of the 32 layers: int [T, L, K] as lists."""
     if not TRACE.exists():
         pytest.skip(f"routing trace {TRACE} is not available on this machine")
-    by_token = collections.defaultdict(dict)
-    with TRACE.open() as f:
-        for line in f:
-            rec = json.loads(line)
-            by_token[(rec["problem_id"], rec["token_idx"])][rec["layer"]] = rec["experts"]
-    return [layers for _, layers in sorted(by_token.items()) if len(layers) == LAYERS]
+    trace, _ = import_vllm_jsonl(TRACE, num_experts=8)
+    assert trace.expert_ids.shape[1] == LAYERS
+    return trace.expert_ids.tolist()
 
 
 def _layers(tokens, batch: int, n_batches: int):
