@@ -44,11 +44,15 @@ _SCALAR_CELLS = 96
 
 @dataclass(frozen=True)
 class Timeline:
-    """Finishing times (seconds from the start of the layer) of the three resources."""
+    """Finishing times (seconds from the start of the layer) of the three resources.
+
+    device_busy_s: seconds the device computes (device_s minus its idle waits for copies).
+    """
 
     cpu_s: float
     link_s: float
     device_s: float
+    device_busy_s: float = 0.0
 
     @property
     def makespan_s(self) -> float:
@@ -87,7 +91,6 @@ class LayerCosts:
         new_idx = johnson_order([i for i in range(self.n) if self.needs_copy[i]], self.copy, self.dev)
         self.old_order = cached_idx + flight_idx
         self.new_order = new_idx
-        self.dev_order = cached_idx + flight_idx + new_idx
         self._cpu_N = np.asarray(self.cpu, dtype=np.float64)
         self._dev_N = np.asarray(self.dev, dtype=np.float64)
         self.needs_copy_N = np.asarray(self.needs_copy, dtype=bool)
@@ -140,11 +143,7 @@ class LayerCosts:
     def _score(self, on_dev: Sequence[bool]) -> tuple[float, float]:
         """(makespan, busy seconds of all three resources) of one device set, Johnson copy order."""
         t = self._run(on_dev, self.new_order)
-        dev_busy = 0.0
-        for i in range(self.n):
-            if on_dev[i]:
-                dev_busy += self.dev[i]
-        return t.makespan_s, t.cpu_s + (t.link_s - self.link_start) + dev_busy
+        return t.makespan_s, t.cpu_s + (t.link_s - self.link_start) + t.device_busy_s
 
     def _run(self, on_dev: Sequence[bool], new_order: Sequence[int]) -> Timeline:
         cpu_s = 0.0
@@ -166,7 +165,7 @@ class LayerCosts:
         if self.shared_cores:
             # One pool of cores does everything, one item after another.
             dev_s = max(dev_s, cpu_s + link_s + dev_busy_s)
-        return Timeline(cpu_s=cpu_s, link_s=link_s, device_s=dev_s)
+        return Timeline(cpu_s=cpu_s, link_s=link_s, device_s=dev_s, device_busy_s=dev_busy_s)
 
 
 def johnson_order(idx: Sequence[int], a: Sequence[float], b: Sequence[float]) -> list[int]:
