@@ -42,7 +42,9 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="wall-clock limit of the whole job")
     p.add_argument("--self-check", type=int, default=0, metavar="STEPS",
                    help="check expert parallelism against the single-process reference for STEPS steps")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the moe command to run on every rank")
+    # dest "argv": `command` is the CLI's own name for the subcommand (used in error lines).
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the moe command to run on every rank")
     p.set_defaults(func=run)
 
 
@@ -51,7 +53,7 @@ def run(args) -> int:
     from moe.comms.launch import LaunchConfig
     from moe.ep import launch_job
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command and not args.self_check:
         raise CliError("give the moe command to run after --, e.g. `moe launch --nproc-per-node 2 -- generate "
                        "--input prompts.jsonl --output out.jsonl`, or --self-check STEPS")
