@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from . import expert_ffn_kernels as K
+from .int4_kernels import matmul_int4
+from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
 from .numba_util import launch_guard, thread_cap
 from .quant import Int4Weight, Int8Weight
 
@@ -34,13 +36,10 @@ __all__ = ["expert_ffn", "expert_ffn_reference", "weight_nbytes"]
 
 Weight = torch.Tensor | Int8Weight | Int4Weight
 
-# Intermediate buffers up to this size are kept per thread and reused (decode calls
-# allocate nothing); larger prefill buffers are allocated per call so idle threads do not
-# pin hundreds of MB.
+# Intermediate buffers up to this size are kept per thread and reused across calls;
+# larger (prefill) buffers are allocated per call so idle threads do not pin them.
 _WORKSPACE_KEEP_BYTES = 32 << 20
 _tls = threading.local()
-# Row chunks per thread: enough that a slow thread does not hold up a whole matmul.
-_CHUNKS_PER_THREAD = 8
 
 
 def _workspace(n: int) -> np.ndarray:
@@ -80,11 +79,12 @@ def weight_nbytes(w: Weight) -> int:
 
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """out_TR = x_TK @ w.T with the kernel for w's format."""
-    nch = max(1, min(out_TR.shape[1], numba.get_num_threads() * _CHUNKS_PER_THREAD))
+    # One contiguous row range per thread (numba's prange schedule is static anyway).
+    nch = max(1, min(out_TR.shape[1], numba.get_num_threads()))
     if isinstance(w, Int8Weight):
         K.matmul_int8(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, nch)
     elif isinstance(w, Int4Weight):
-        K.matmul_int4(x_TK, w.packed_RB.numpy(), w.scale_RG.numpy(), w.group_size, out_TR, nch)
+        matmul_int4(x_TK, w.packed_RB.numpy(), w.scale_RG.numpy(), w.group_size, out_TR, nch)
     elif w.dtype == torch.bfloat16:
         K.matmul_bf16(x_TK, w.detach().view(torch.int16).numpy().view(np.uint16), out_TR, nch)
     else:
@@ -153,12 +153,12 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
         yf_TD = y_TD.numpy()
     with thread_cap(num_threads), launch_guard():
         if bf16:
-            K.widen_bf16(x_TD.view(torch.int16).numpy().view(np.uint16), xf_TD)
+            widen_bf16(x_TD.view(torch.int16).numpy().view(np.uint16), xf_TD)
         _matmul(xf_TD, w13, gu_T2F)
-        K.swiglu_rows(gu_T2F, h_TF)
+        swiglu_rows(gu_T2F, h_TF)
         _matmul(h_TF, w2, yf_TD)
         if bf16:
-            K.narrow_to_bf16(yf_TD, y_TD.view(torch.int16).numpy().view(np.uint16))
+            narrow_to_bf16(yf_TD, y_TD.view(torch.int16).numpy().view(np.uint16))
     return y_TD
 
 

@@ -50,8 +50,8 @@ def njit_kernel(*, parallel: bool = True, fastmath: bool | frozenset = FASTMATH)
     """
 
     def deco(fn: Callable) -> Callable:
-        opts = dict(nogil=True, parallel=parallel, fastmath=set(fastmath) if isinstance(fastmath, frozenset) else fastmath,
-                    error_model="numpy")
+        flags = set(fastmath) if isinstance(fastmath, frozenset) else fastmath
+        opts = dict(nogil=True, parallel=parallel, fastmath=flags, error_model="numpy")
         try:
             return numba.njit(cache=True, **opts)(fn)
         except RuntimeError as exc:  # "cannot cache function ...: no locator available"

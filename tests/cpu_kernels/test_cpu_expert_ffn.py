@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
-from moe.cpu_kernels import expert_ffn_kernels as K
+from moe.cpu_kernels import tiles
 
 # (T, D, F): decode sizes, odd sizes, a size with full and partial int4 groups, empty T.
 SHAPES = [
@@ -131,14 +131,14 @@ def test_bf16_round_trip_helpers_match_torch_exactly():
     specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45])
     x_TD = torch.cat([x_TD.flatten(), ties, specials]).reshape(1, -1).contiguous()
     bits = np.empty(x_TD.shape, np.uint16)
-    K.narrow_to_bf16(x_TD.numpy(), bits)
+    tiles.narrow_to_bf16(x_TD.numpy(), bits)
     want = x_TD.to(torch.bfloat16)
     nan = torch.isnan(x_TD)
     got = torch.from_numpy(bits.view(np.int16))
     # NaN payloads are not specified; any NaN pattern must stay a NaN.
     assert torch.equal(got[~nan], want.view(torch.int16)[~nan])
     back = np.empty(x_TD.shape, np.float32)
-    K.widen_bf16(bits, back)
+    tiles.widen_bf16(bits, back)
     assert np.array_equal(back, want.float().numpy(), equal_nan=True)
     assert np.isnan(back[nan.numpy()]).all()
 
