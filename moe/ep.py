@@ -15,7 +15,7 @@ gains (see `moe bench a2a`) need attention that is not pinned to one rank.
 
 `python -m moe.ep` is what `moe launch` starts on every rank (see `worker_main`). It
 enables expert parallelism on the model that `moe generate` loads by wrapping
-`moe.generate_job.load_model`; other commands run on every rank unchanged.
+`moe.generate_job.add_load_hook`; other commands run on every rank unchanged.
 """
 from __future__ import annotations
 
@@ -122,14 +122,8 @@ def _install_generate_hook(ctx: _WorkerContext) -> None:
     """Make `moe generate` enable expert parallelism on the model it loads."""
     import moe.generate_job as job
 
-    load = job.load_model
-
-    def load_model_ep(*args, **kwargs):
-        model, tokenizer = load(*args, **kwargs)
-        ctx.executors.append(enable_expert_parallel(model, ctx.group, ctx.placement, config=ctx.config))
-        return model, tokenizer
-
-    job.load_model = load_model_ep
+    job.add_load_hook(lambda model: ctx.executors.append(
+        enable_expert_parallel(model, ctx.group, ctx.placement, config=ctx.config)))
 
 
 _COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -48,16 +48,30 @@ def load_tokenizer(folder: str | os.PathLike):
         raise ValueError(f"cannot load the tokenizer in {folder}: {reason}") from None
 
 
+# Called with each model `load_model` returns, before any generation: how a launcher
+# (e.g. `moe launch`, which enables expert parallelism) adapts the model of a job.
+_load_hooks: list = []
+
+
+def add_load_hook(fn) -> None:
+    """Run fn(model) on every model load_model returns from now on in this process."""
+    _load_hooks.append(fn)
+
+
 def load_model(model_id: str | None, *, gpu_memory=None, dtype=None, device=None, runtime=None):
     """(wrapped model, tokenizer): the demo MoE when `model_id` is None, else the
     checkpoint (local folder or Hub id, HF_HUB_OFFLINE honoured) through
     `moe.from_pretrained`; the tokenizer loads first, so a missing one fails fast."""
     if model_id is None:
-        return build_demo_model(gpu_memory=gpu_memory, device=device, config=runtime, dtype=dtype or torch.float32)
-    folder = resolve_checkpoint(model_id)
-    tokenizer = load_tokenizer(folder)
-    kwargs = {} if gpu_memory is None else {"gpu_memory": gpu_memory}
-    model = moe.from_pretrained(str(folder), dtype=dtype, device=device, config=runtime, **kwargs)
+        model, tokenizer = build_demo_model(gpu_memory=gpu_memory, device=device, config=runtime,
+                                            dtype=dtype or torch.float32)
+    else:
+        folder = resolve_checkpoint(model_id)
+        tokenizer = load_tokenizer(folder)
+        kwargs = {} if gpu_memory is None else {"gpu_memory": gpu_memory}
+        model = moe.from_pretrained(str(folder), dtype=dtype, device=device, config=runtime, **kwargs)
+    for hook in _load_hooks:
+        hook(model)
     return model, tokenizer
 
 
