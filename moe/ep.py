@@ -14,7 +14,7 @@ its owner, so a token must be back on its owner after every MoE layer; the shuff
 gains (see `moe bench a2a`) need attention that is not pinned to one rank.
 
 `python -m moe.ep` is what `moe launch` starts on every rank (see `worker_main`). It
-enables expert parallelism on the model that `moe generate` loads by wrapping
+enables expert parallelism on the model that `moe generate` loads through
 `moe.generate_job.add_load_hook`; other commands run on every rank unchanged.
 """
 from __future__ import annotations
