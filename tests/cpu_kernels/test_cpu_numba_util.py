@@ -56,3 +56,39 @@ def test_read_bandwidth_probe_runs_and_validates():
         read_bandwidth_gbps(1 << 20)
     with pytest.raises(ValueError, match="repeats"):
         read_bandwidth_gbps(8 << 20, repeats=0)
+
+
+_WORKQUEUE_SCRIPT = """
+import threading, torch
+from moe.cpu_kernels import expert_ffn, expert_ffn_reference
+w13 = torch.randn(96, 40) / 7
+w2 = torch.randn(40, 48) / 7
+xs = [torch.randn(t, 40) for t in (1, 3, 5, 2)]
+errors = []
+def work(x):
+    try:
+        for _ in range(20):
+            torch.testing.assert_close(expert_ffn(x, w13, w2), expert_ffn_reference(x, w13, w2),
+                                       rtol=1e-4, atol=1e-5)
+    except Exception as exc:
+        errors.append(exc)
+threads = [threading.Thread(target=work, args=(x,)) for x in xs]
+[t.start() for t in threads]
+[t.join() for t in threads]
+import numba
+assert numba.threading_layer() == "workqueue", numba.threading_layer()
+assert not errors, errors
+print("ok")
+"""
+
+
+def test_concurrent_calls_survive_the_workqueue_layer():
+    """Under numba's workqueue layer (no OpenMP/TBB), concurrent calls are serialised, not fatal."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    proc = subprocess.run([sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
