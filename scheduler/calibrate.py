@@ -8,11 +8,12 @@ What is measured (medians unless said otherwise; each number lands in the profil
 - a dense matmul in the weight dtype -> cpu_gflops (what "linear" items get);
 - a SwiGLU expert FFN (`moe.cpu_kernels.expert_ffn` when present, else plain torch) at
   several token counts, cycling over a pool of experts larger than the last-level cache
-  so every call reads its weights from DRAM -> per_kind["expert"] CPU rates;
+  so every call reads its weights from DRAM -> per_kind["expert"] CPU rates; the same for
+  the device path the runtime calls (`moe.gpu_kernels` fused MoE over one slot);
 - a tiny expert call -> cpu_call_s (the fixed cost of one call);
 - with device="cuda": the same on the device (read bandwidth, matmul, expert FFN, call
   latency) and pinned host->device copies -> h2d_gbps, copy_call_s;
-- with device="cpu": the "device" is the CPU itself running the plain-torch expert (what
+- with device="cpu": the "device" is the CPU itself running the fused-MoE reference (what
   the runtime's device path runs there), and a "copy" is a host memcpy.
 
 Rates are "best achieved": bandwidth from the call that reached the most bytes per
@@ -121,29 +122,47 @@ def _median_time(
     return statistics.median(times)
 
 
-def _expert_fn(device: str, threads: int | None, kernel: bool = True) -> tuple[Callable, str]:
-    """The expert FFN to time: the project's CPU kernel when present (and `kernel`), else plain torch."""
-    if device == "cpu" and kernel:
+def _torch_expert(x_TD, w13_2FD, w2_DF):
+    f = w2_DF.shape[1]
+    gu_T2F = x_TD @ w13_2FD.T
+    return (torch.nn.functional.silu(gu_T2F[:, :f]) * gu_T2F[:, f:]) @ w2_DF.T
+
+
+def _expert_fn(device: str, threads: int | None, side: str) -> tuple[Callable, str]:
+    """The expert FFN the runtime runs on `side` ("cpu" or "device"), timed on `device`.
+
+    cpu: the project's Numba kernel (plain torch if it is missing). device: the fused-MoE
+    op the runtime calls, over one slot (Triton on CUDA, its torch reference elsewhere),
+    so its per-call work (routing bookkeeping, dtype handling) is part of the measurement.
+    """
+    if side == "cpu":
         try:
             from moe.cpu_kernels.expert_ffn import expert_ffn
         except ImportError:
-            pass
-        else:
-            return functools.partial(expert_ffn, num_threads=threads), "moe.cpu_kernels.expert_ffn"
+            return _torch_expert, "torch"
+        return functools.partial(expert_ffn, num_threads=threads), "moe.cpu_kernels.expert_ffn"
+    try:
+        import moe.gpu_kernels as gk
+    except ImportError:
+        return _torch_expert, "torch"
+    if device == "cuda":
+        op, name = gk.fused_moe, "moe.gpu_kernels.fused_moe"
+    else:
+        op, name = gk.fused_moe_reference, "moe.gpu_kernels.fused_moe_reference"
 
-    def torch_expert(x_TD, w13_2FD, w2_DF):
-        f = w2_DF.shape[1]
-        gu_T2F = x_TD @ w13_2FD.T
-        return (torch.nn.functional.silu(gu_T2F[:, :f]) * gu_T2F[:, f:]) @ w2_DF.T
+    def one_slot(x_TD, w13_2FD, w2_DF):
+        ids_T1 = torch.zeros(x_TD.shape[0], 1, dtype=torch.int64, device=x_TD.device)
+        weights_T1 = torch.ones(x_TD.shape[0], 1, dtype=torch.float32, device=x_TD.device)
+        return op(x_TD, w13_2FD.unsqueeze(0), w2_DF.unsqueeze(0), ids_T1, weights_T1)
 
-    return torch_expert, "torch"
+    return one_slot, name
 
 
-def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], None], kernel: bool = True) -> dict:
-    """Expert FFN timings on `device`: per-token-count medians, call latency, fitted rates."""
+def _measure_experts(cfg: CalibrationConfig, device: str, sync: Callable[[], None], side: str) -> dict:
+    """Expert FFN timings of the runtime's `side` path on `device`: medians, call latency, fitted rates."""
     dtype = _DTYPES[cfg.dtype]
     d, f = cfg.expert_dims
-    fn, impl = _expert_fn(device, cfg.threads, kernel)
+    fn, impl = _expert_fn(device, cfg.threads, side)
     nbytes = 3 * d * f * torch.finfo(dtype).bits // 8
     pool = max(2, math.ceil(cfg.pool_bytes / nbytes))
     gen = torch.Generator().manual_seed(0)
@@ -225,7 +244,7 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
         dtype = _DTYPES[cfg.dtype]
         copy_bytes = (32 << 20) if cfg.quick else (512 << 20)
         threads = cfg.threads or torch.get_num_threads()
-        cpu_expert = _measure_experts(cfg, "cpu", _sync_for("cpu"))
+        cpu_expert = _measure_experts(cfg, "cpu", _sync_for("cpu"), "cpu")
         if cfg.threads is not None:
             # Numba's OpenMP layer shares the thread count with torch; set it again.
             torch.set_num_threads(cfg.threads)
@@ -240,7 +259,7 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
             cpu_read_gbps=cpu_expert["read_gbps"], cpu_gflops=cpu_expert["gflops"], cpu_call_s=cpu_expert["call_s"]
         )
         if cfg.device == "cuda":
-            dev_expert = _measure_experts(cfg, "cuda", _sync_for("cuda"))
+            dev_expert = _measure_experts(cfg, "cuda", _sync_for("cuda"), "device")
             dev_bw = measure_read_gbps("cuda", nbytes=cfg.stream_bytes, repeats=cfg.repeats)
             dev_gflops = measure_matmul_gflops("cuda", n=2048 if cfg.quick else 8192, dtype=dtype, repeats=cfg.repeats)
             h2d_gbps, copy_call_s = measure_h2d("cuda", nbytes=copy_bytes, repeats=cfg.repeats)
@@ -251,9 +270,9 @@ def calibrate(cfg: CalibrationConfig) -> tuple[AnalyticCostModel, dict]:
                 device_call_s=dev_expert["call_s"],
             )
         else:
-            # The "device" of a CPU-only run computes its experts with plain torch (the
-            # fused-MoE reference), not with the CPU kernel: time that path.
-            dev_expert = _measure_experts(cfg, "cpu", _sync_for("cpu"), kernel=False)
+            # The "device" of a CPU-only run computes its experts with the fused-MoE
+            # reference (plain torch), not with the CPU kernel: time that path.
+            dev_expert = _measure_experts(cfg, "cpu", _sync_for("cpu"), "device")
             if cfg.threads is not None:
                 torch.set_num_threads(cfg.threads)
             h2d_gbps, copy_call_s = measure_h2d("cpu", nbytes=copy_bytes, repeats=cfg.repeats)
