@@ -32,9 +32,12 @@ import numpy as np
 from numba import prange
 
 from .numba_util import njit_kernel
+from .tiles import KC as _KC
 from .tiles import ROW_BLOCK as _RB
 from .tiles import bf16_to_f32 as _bf16_to_f32
 from .tiles import dot_block as _dot_block
+from .tiles import store_block as _store_block
+from .tiles import tile_chunk as _tile_chunk
 
 __all__ = ["matmul_f32", "matmul_bf16", "matmul_int8"]
 
@@ -156,16 +159,19 @@ def _rows_bf16(x_TK, w_RK, out_TR, r_lo, r_hi):
         _gemv_bf16(x_TK[0], w_RK, out_TR[0], r_lo, r_hi)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
-        s_BK = np.zeros((_RB, K), np.float32)
+        s_BC = np.zeros((_RB, _KC), np.float32)
         acc_T4 = np.empty((T, _RB), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
-            for i in range(nb):
-                w_K = w_RK[b0 + i]
-                s_K = s_BK[i]
-                for k in range(K):
-                    s_K[k] = _bf16_to_f32(w_K[k])
-            _dot_block(x_TK, s_BK, nb, out_TR, b0, acc_T4)
+            for k0 in range(0, K, _KC):
+                k1 = min(K, k0 + _KC)
+                for i in range(nb):
+                    w_C = w_RK[b0 + i, k0:k1]
+                    s_C = s_BC[i]
+                    for k in range(k1 - k0):
+                        s_C[k] = _bf16_to_f32(w_C[k])
+                _tile_chunk(x_TK, k0, k1, s_BC, 0, acc_T4, k0 == 0)
+            _store_block(acc_T4, nb, out_TR, b0)
 
 
 @njit_kernel(parallel=False)
@@ -176,17 +182,20 @@ def _rows_int8(x_TK, q_RK, scale_R, out_TR, r_lo, r_hi):
         _gemv_int8(x_TK[0], q_RK, scale_R, out_TR[0], r_lo, r_hi)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
-        s_BK = np.zeros((_RB, K), np.float32)
+        s_BC = np.zeros((_RB, _KC), np.float32)
         acc_T4 = np.empty((T, _RB), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
-            for i in range(nb):
-                s = scale_R[b0 + i]
-                q_K = q_RK[b0 + i]
-                s_K = s_BK[i]
-                for k in range(K):
-                    s_K[k] = np.float32(q_K[k]) * s
-            _dot_block(x_TK, s_BK, nb, out_TR, b0, acc_T4)
+            for k0 in range(0, K, _KC):
+                k1 = min(K, k0 + _KC)
+                for i in range(nb):
+                    s = scale_R[b0 + i]
+                    q_C = q_RK[b0 + i, k0:k1]
+                    s_C = s_BC[i]
+                    for k in range(k1 - k0):
+                        s_C[k] = np.float32(q_C[k]) * s
+                _tile_chunk(x_TK, k0, k1, s_BC, 0, acc_T4, k0 == 0)
+            _store_block(acc_T4, nb, out_TR, b0)
 
 
 # The parallel entry points only split rows into chunks: numba compiles prange bodies

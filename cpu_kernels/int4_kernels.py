@@ -5,8 +5,8 @@ per row (layout: quant.py: per group, byte i holds column i low and i + ceil(m/2
 
 T == 1: nibbles are dotted as stored (0..15) and the +8 offset is removed once per group
 as 8 * sum(x over the group), computed once per call for all rows; four rows stream side
-by side sharing each load of x. T > 1: rows are dequantised into an fp32 scratch and go
-through the shared register tile (tiles.dot_block). Group sizes are dispatched to copies
+by side sharing each load of x. T > 1: chunks of four rows are dequantised into an L1
+scratch and go through the shared register tile (tiles.tile_chunk). Group sizes are dispatched to copies
 compiled for a constant size, so the unpack loops have a known trip count.
 """
 from __future__ import annotations
@@ -15,8 +15,13 @@ import numpy as np
 from numba import prange
 
 from .numba_util import njit_kernel
+from .tiles import KC as _KC
 from .tiles import ROW_BLOCK as _RB
-from .tiles import dot_block as _dot_block
+from .tiles import store_block as _store_block
+from .tiles import tile_chunk as _tile_chunk
+
+# Chunks must hold whole groups (see _int4_decode_cols).
+assert _KC % 128 == 0
 
 __all__ = ["matmul_int4"]
 
@@ -134,27 +139,33 @@ def _int4_rows4_dot(x_K, p_4P, scale_4G, xsum_G, group, out_R, r):
 
 
 @njit_kernel(parallel=False)
-def _int4_row_decode(p_P, scale_G, group, s_K):
-    """Dequantise one packed int4 row into fp32 s_K."""
-    K = s_K.shape[0]
+def _int4_decode_cols(p_P, scale_G, group, K, k0, k1, s_C):
+    """s_C[:k1-k0] = dequantised columns k0:k1 of one packed int4 row of K columns.
+
+    k0 is a multiple of ``group`` (chunks are KC wide, a multiple of every group size),
+    so a chunk holds whole groups, plus the shorter last group when k1 == K.
+    """
     hg = group // 2
-    full = K // group
-    for g in range(full):
+    full_end = min(k1, (K // group) * group)
+    for g in range(k0 // group, full_end // group):
+        c = g * group - k0
         p_h = p_P[g * hg: (g + 1) * hg]
-        s_lo = s_K[g * group: g * group + hg]
-        s_hi = s_K[g * group + hg: (g + 1) * group]
+        s_lo = s_C[c: c + hg]
+        s_hi = s_C[c + hg: c + group]
         s = scale_G[g]
         for i in range(hg):
             b = np.int32(p_h[i])
             s_lo[i] = np.float32(np.int32((b & _LO) - _OFF)) * s
             s_hi[i] = np.float32(np.int32((b >> _HI) - _OFF)) * s
-    m = K - full * group
-    if m > 0:
+    m = k1 - max(full_end, k0)
+    if m > 0:  # the shorter last group of the row
+        g = K // group
         h = (m + 1) // 2
-        p_h = p_P[full * hg: full * hg + h]
-        s_lo = s_K[full * group: full * group + h]
-        s_hi = s_K[full * group + h: K]
-        s = scale_G[full]
+        c = g * group - k0
+        p_h = p_P[g * hg: g * hg + h]
+        s_lo = s_C[c: c + h]
+        s_hi = s_C[c + h: c + m]
+        s = scale_G[g]
         for i in range(h):
             s_lo[i] = np.float32(np.int32((np.int32(p_h[i]) & _LO) - _OFF)) * s
         for i in range(m - h):
@@ -174,13 +185,16 @@ def _rows_int4_g(x_TK, p_RP, scale_RG, xsum_TG, group, out_TR, r_lo, r_hi):
             out_TR[0, r] = _int4_row_dot(x_TK[0], p_RP[r], scale_RG[r], xsum_TG[0], group)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
-        s_BK = np.zeros((_RB, K), np.float32)
+        s_BC = np.zeros((_RB, _KC), np.float32)
         acc_T4 = np.empty((T, _RB), np.float32)
         for b0 in range(r_lo, r_hi, _RB):
             nb = min(_RB, r_hi - b0)
-            for i in range(nb):
-                _int4_row_decode(p_RP[b0 + i], scale_RG[b0 + i], group, s_BK[i])
-            _dot_block(x_TK, s_BK, nb, out_TR, b0, acc_T4)
+            for k0 in range(0, K, _KC):
+                k1 = min(K, k0 + _KC)
+                for i in range(nb):
+                    _int4_decode_cols(p_RP[b0 + i], scale_RG[b0 + i], group, K, k0, k1, s_BC[i])
+                _tile_chunk(x_TK, k0, k1, s_BC, 0, acc_T4, k0 == 0)
+            _store_block(acc_T4, nb, out_TR, b0)
 
 
 @njit_kernel(parallel=False)

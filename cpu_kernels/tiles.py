@@ -3,10 +3,11 @@ and the small elementwise kernels (SwiGLU, bf16 widen / narrow).
 
 Shape key: T tokens, K input columns, R output rows; B = ROW_BLOCK weight rows.
 
-T > 1 path: a caller decodes B = 4 weight rows into an fp32 scratch s_BK and calls
-`dot_block`, which walks K in chunks of _KC (4 weight rows + 3 token rows = 28 KiB, in
-L1) and runs a 4-row x 3-token register tile over the tokens: each step loads 4 weight
-and 3 token values for 12 FMAs, against 5 loads per 4 FMAs for one token at a time.
+T > 1 path: for each block of B = 4 weight rows, a caller walks K in chunks of KC,
+decodes the chunk of the 4 rows into an fp32 scratch s_BC (16 KiB, stays in L1) and
+calls `tile_chunk`, which runs a 4-row x 3-token register tile over all T tokens: each
+step loads 4 weight and 3 token values for 12 FMAs, against 5 loads per 4 FMAs for one
+token at a time. Partial sums collect in acc_T4 [T, 4]; `store_block` writes them out.
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from numba.core.extending import intrinsic
 
 from .numba_util import njit_kernel
 
-__all__ = ["ROW_BLOCK", "bf16_to_f32", "dot_block", "swiglu_rows", "widen_bf16", "narrow_to_bf16"]
+__all__ = [
+    "ROW_BLOCK", "KC", "bf16_to_f32", "tile_chunk", "store_block", "dot_block",
+    "swiglu_rows", "widen_bf16", "narrow_to_bf16",
+]
 
 ROW_BLOCK = 4  # weight rows per block in the T > 1 path (the 4 of the 4x3 tile)
-_KC = 1024  # K chunk of dot_block
+KC = 1024  # K chunk of the T > 1 path: 4 weight rows + 3 token rows = 28 KiB, in L1
 
 
 @intrinsic
@@ -168,36 +172,52 @@ def _tile_4x1(s0, s1, s2, s3, x0, acc_T4, t, first):
 
 
 @njit_kernel(parallel=False)
-def dot_block(x_TK, s_BK, nb, out_TR, r0, acc_T4):
-    """out_TR[:, r0:r0+nb] = x_TK @ s_BK[:nb].T; s_BK fp32 [4, K] (rows >= nb are ignored).
+def tile_chunk(x_TK, k0, k1, s_BC, c0, acc_T4, first):
+    """acc_T4 (=, or += unless first) x_TK[:, k0:k1] @ s_BC[:, c0:c0+k1-k0].T.
 
-    K is walked in chunks of _KC so the 4 weight rows and 3 token rows of a tile stay
-    in L1 while all T tokens pass over them; partial sums collect in acc_T4 [T, 4].
+    s_BC: fp32 [4, C], C-contiguous (a decoded chunk with c0 = 0, or whole fp32 rows
+    with c0 = k0: a column offset rather than a 2-D slice keeps the row views
+    contiguous, which the vectoriser needs). The 4 rows of the chunk stay in L1 while
+    all T tokens pass over them.
     """
-    T, K = x_TK.shape
-    for k0 in range(0, K, _KC):
-        k1 = min(K, k0 + _KC)
-        first = k0 == 0
-        s0 = s_BK[0, k0:k1]
-        s1 = s_BK[1, k0:k1]
-        s2 = s_BK[2, k0:k1]
-        s3 = s_BK[3, k0:k1]
-        # Tokens in tiles of 3; a remainder of 1 borrows one tile's tokens to make 2 + 2,
-        # because the 4x1 tile needs 5 loads per 4 FMAs.
-        n3 = T // 3 if T % 3 != 1 or T < 4 else T // 3 - 1
-        for j in range(n3):
-            t = 3 * j
-            _tile_4x3(s0, s1, s2, s3, x_TK[t, k0:k1], x_TK[t + 1, k0:k1], x_TK[t + 2, k0:k1],
-                      acc_T4, t, first)
-        t = 3 * n3
-        while t + 2 <= T:
-            _tile_4x2(s0, s1, s2, s3, x_TK[t, k0:k1], x_TK[t + 1, k0:k1], acc_T4, t, first)
-            t += 2
-        if t < T:
-            _tile_4x1(s0, s1, s2, s3, x_TK[t, k0:k1], acc_T4, t, first)
-    for t in range(T):
+    T = x_TK.shape[0]
+    n = k1 - k0
+    s0 = s_BC[0, c0:c0 + n]
+    s1 = s_BC[1, c0:c0 + n]
+    s2 = s_BC[2, c0:c0 + n]
+    s3 = s_BC[3, c0:c0 + n]
+    # Tokens in tiles of 3; a remainder of 1 borrows one tile's tokens to make 2 + 2,
+    # because the 4x1 tile needs 5 loads per 4 FMAs.
+    n3 = T // 3 if T % 3 != 1 or T < 4 else T // 3 - 1
+    for j in range(n3):
+        t = 3 * j
+        _tile_4x3(s0, s1, s2, s3, x_TK[t, k0:k1], x_TK[t + 1, k0:k1], x_TK[t + 2, k0:k1],
+                  acc_T4, t, first)
+    t = 3 * n3
+    while t + 2 <= T:
+        _tile_4x2(s0, s1, s2, s3, x_TK[t, k0:k1], x_TK[t + 1, k0:k1], acc_T4, t, first)
+        t += 2
+    if t < T:
+        _tile_4x1(s0, s1, s2, s3, x_TK[t, k0:k1], acc_T4, t, first)
+
+
+@njit_kernel(parallel=False)
+def store_block(acc_T4, nb, out_TR, r0):
+    """out_TR[:, r0:r0+nb] = acc_T4[:, :nb]."""
+    for t in range(acc_T4.shape[0]):
         for i in range(nb):
             out_TR[t, r0 + i] = acc_T4[t, i]
+
+
+@njit_kernel(parallel=False)
+def dot_block(x_TK, s_BK, nb, out_TR, r0, acc_T4):
+    """out_TR[:, r0:r0+nb] = x_TK @ s_BK[:nb].T for 4 rows already in fp32 (s_BK [4, K])."""
+    K = x_TK.shape[1]
+    for k0 in range(0, K, KC):
+        k1 = min(K, k0 + KC)
+        tile_chunk(x_TK, k0, k1, s_BK, k0, acc_T4, k0 == 0)
+    store_block(acc_T4, nb, out_TR, r0)
+
 
 @njit_kernel(parallel=False)
 def swiglu_rows(gu_T2F, h_TF):
