@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from moe.cli.bench import script_args
+
+    # Benchmark scripts parse their own options (`moe bench decode --help` is theirs).
+    args = script_args(argv) or parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (CliError, FileNotFoundError, ValueError) as exc:

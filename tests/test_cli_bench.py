@@ -1,0 +1,23 @@
+"""`moe bench` runs the bench/ scripts with their own options."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe.cli import main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
+def test_bench_gpu_moe_without_cuda_says_skipped(capsys):
+    """Without CUDA the fused-MoE benchmark ends in a JSON line that says why it skipped."""
+    assert main(["bench", "gpu-moe"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["skipped"] is True
+
+
+def test_bench_script_help_is_the_scripts(capsys):
+    """Options after the suite name belong to the script (its --help, not moe's)."""
+    assert main(["bench", "decode", "--help"]) == 0
+    assert "--scale" in capsys.readouterr().out
