@@ -17,7 +17,16 @@ parallel launch:
 ``numba.set_num_threads`` is thread-local: a cap set in one Python thread does not affect
 launches from another. :func:`thread_cap` sets it for the duration of one call and
 restores the caller's previous value, so a pool of workers can each use, e.g., 1 thread
-while the main thread keeps all cores.
+while the main thread keeps all cores. P Python threads calling with N numba threads
+each run P * N OS threads; on C cores, num_threads = C // P avoids oversubscription.
+
+Caching
+-------
+Compiled kernels are cached next to the sources (``__pycache__/*.nbi, *.nbc``), or in
+numba's user cache dir when that is read-only, or not at all (a warning) when neither is
+writable. Numba checks only the timestamp of a function's own file: after editing a
+helper in one module (e.g. tiles.py), delete the cached ``*.nbi``/``*.nbc`` files of
+cpu_kernels so callers in other modules are recompiled.
 """
 from __future__ import annotations
 
