@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -183,17 +184,22 @@ def decode_bound(wb: dict, K: int, device: str, bw: dict, hit_rate: float | None
     return 1.0 / max(device_s, host_s)
 
 
-def accelerate_offload(model, budget_bytes: int, device: str):
-    """The model dispatched by accelerate with `budget_bytes` on the GPU, or a reason it cannot run."""
-    try:
-        from accelerate import dispatch_model, infer_auto_device_map
-    except ImportError:
-        return None, "unavailable: accelerate is not installed"
+def accelerate_unavailable(device: str) -> str | None:
+    """Why accelerate's offload cannot run here, or None when it can."""
+    if importlib.util.find_spec("accelerate") is None:
+        return "unavailable: accelerate is not installed"
     if device != "cuda":
-        return None, "unavailable: accelerate offload needs a CUDA device"
+        return "unavailable: accelerate offload needs a CUDA device"
+    return None
+
+
+def accelerate_offload(model, budget_bytes: int):
+    """`model` dispatched by accelerate with `budget_bytes` on GPU 0 and the rest offloaded to the CPU."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
     device_map = infer_auto_device_map(model, max_memory={0: budget_bytes, "cpu": 2**40},
                                        no_split_module_classes=getattr(model, "_no_split_modules", None))
-    return dispatch_model(model, device_map=device_map), "ok"
+    return dispatch_model(model, device_map=device_map)
 
 
 def use_profile(path: str | None, device: str, dtype: str, threads: int | None) -> str:
@@ -292,8 +298,9 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             for budget in budgets:
                 gpu_memory = wb["non_expert"] + int(budget * wb["experts_total"])
-                acc_model, why = accelerate_offload(copy.deepcopy(template), gpu_memory, device)
-                if acc_model is not None:
+                why = accelerate_unavailable(device)
+                if why is None:
+                    acc_model = accelerate_offload(copy.deepcopy(template), gpu_memory)
                     run_prompt(acc_model, warm_ids, 2, device)
                     arow = _summary(name, P, budget, "accelerate-offload",
                                     run_repeated(acc_model, ids, new_tokens, device, repeats), ref["tokens"], P, new_tokens)
