@@ -64,6 +64,8 @@ class RuntimeConfig:
     static_hot: for scheduler="static" / cache_policy="static-hot": experts pinned on the
         device, as {moe_layer_index: [expert ids]}; None picks by slot order.
     pin_memory: pin the host expert store (None: when CUDA is the device).
+    cost_profile: cost-model profile JSON (`moe calibrate` writes one); None loads
+        $MOE_PROFILE or this host's calibrated profile, else bandwidth-based defaults.
     """
 
     cache_policy: str = "predictive"
@@ -74,6 +76,7 @@ class RuntimeConfig:
     prefetch_depth: int = 1
     prefetch_threshold: float = 0.5
     predictor_file: str | None = None
+    cost_profile: str | None = None
     static_hot: dict[int, list[int]] | None = None
     pin_memory: bool | None = None
     extra: dict = field(default_factory=dict)

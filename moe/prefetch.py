@@ -5,10 +5,11 @@ The forecast reaches the cache policy (`observe_forecast`, so forecast experts a
 protected from eviction), and copies are issued on the copy stream right after layer l's
 own copies and before its device kernel, so they overlap layer l's CPU and device
 compute. Which experts: the policy's own `prefetch_requests()` when it has one (the
-predictive policy weighs a forecast against what it would evict), else the most likely
-non-resident experts whose forecast probability reaches `threshold`. Every prefetch is
-one expert copy and is counted in h2d_bytes; `prefetch_hits` counts prefetched experts
-that a later layer then used.
+predictive policy weighs a forecast against what it would evict), else the scheduler's
+impact-driven choice (`choose_prefetch`: probability times the makespan the copy saves
+in that layer's plan, so an expert that would run on the CPU just as fast is not
+copied). Every prefetch is one expert copy and is counted in h2d_bytes;
+`prefetch_hits` counts prefetched experts that a later layer then used.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from moe.router_predictor.predictors import RoutingContext, RoutingPredictor
+from moe.scheduler import LayerForecast, WorkItem, choose_prefetch
 
 __all__ = ["Prefetcher", "step_probabilities"]
 
@@ -27,13 +29,18 @@ def step_probabilities(probs_TE: torch.Tensor) -> torch.Tensor:
 
 
 class Prefetcher:
-    def __init__(self, *, predictor: RoutingPredictor, cache, counters, depth: int = 1,
-                 threshold: float = 0.5, max_per_layer: int | None = None) -> None:
+    def __init__(self, *, predictor: RoutingPredictor, cache, counters, planner=None,
+                 weight_bytes: int = 0, flops_per_token: int = 0, depth: int = 1,
+                 threshold: float = 0.5) -> None:
+        """planner: the runtime's LayerPlanner (cost model and rule), which scores
+        prefetches for policies without their own rule; threshold: smallest forecast
+        probability considered."""
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.predictor, self.cache, self.counters = predictor, cache, counters
+        self.planner = planner
+        self.weight_bytes, self.flops_per_token = weight_bytes, flops_per_token
         self.depth, self.threshold = depth, threshold
-        self.max_per_layer = max_per_layer
         self._step_ids: list[torch.Tensor] = []  # this forward's ids_TK of layers 0..l
         self._prev_TLK: torch.Tensor | None = None  # last forward's routing (decode predecessor)
         self._prefetched: set[tuple[int, int]] = set()
@@ -56,8 +63,11 @@ class Prefetcher:
 
     # -- forecasting and copies --------------------------------------------------------
     def issue(self, layer: int, hidden_TD: torch.Tensor | None,
-              protect: Sequence[tuple[int, int]]) -> int:
-        """Forecast layers after `layer` and copy what is worth it. Returns copies issued."""
+              protect: Sequence[tuple[int, int]], layer_time_s: float = 0.0) -> int:
+        """Forecast layers after `layer` and copy what is worth it. Returns copies issued.
+
+        layer_time_s: predicted makespan of the current layer; the next layers are
+        expected to start that far apart, which is how long a prefetch has to land."""
         if len(self._step_ids) != layer + 1 or layer + 1 >= self.predictor.num_layers:
             return 0
         T = self._step_ids[0].shape[0]
@@ -65,24 +75,23 @@ class Prefetcher:
         ctx = RoutingContext(layer=layer, ids_TlK=torch.stack(self._step_ids, dim=1),
                              prev_ids_TLK=prev,
                              hidden_TD=None if hidden_TD is None else hidden_TD.detach())
-        probs_TdE = self.predictor.predict(ctx, depth=self.depth)
+        probs_TdE = self.predictor.predict(ctx, depth=self.depth).float().cpu()
         policy = self.cache.policy
-        wanted: list[tuple[float, tuple[int, int]]] = []
+        forecasts = []
         for j in range(probs_TdE.shape[1]):
             target = layer + 1 + j
-            p_E = step_probabilities(probs_TdE[:, j].float().cpu())
+            p_E = step_probabilities(probs_TdE[:, j])
             policy.observe_forecast(target, p_E.numpy())
-            if not hasattr(policy, "prefetch_requests"):
-                order = torch.argsort(p_E, descending=True, stable=True).tolist()
-                picked = [e for e in order if p_E[e] >= self.threshold
-                          and not self.cache.resident(target, e)]
-                if self.max_per_layer is not None:
-                    picked = picked[: self.max_per_layer]
-                wanted += [(float(p_E[e]), (target, e)) for e in picked]
+            if self.planner is not None:
+                forecasts.append(self._forecast(target, probs_TdE[:, j], p_E, (j + 1) * layer_time_s))
         if hasattr(policy, "prefetch_requests"):
             keys = [k for k in policy.prefetch_requests() if not self.cache.resident(*k)]
+        elif forecasts:
+            keys = choose_prefetch(forecasts, self.planner.cost, planner=self.planner,
+                                   rule=self.planner.rule,
+                                   free_slots=self.cache.evictable(protect=protect))
         else:
-            keys = [k for _, k in sorted(wanted, key=lambda pk: -pk[0])]
+            keys = []
         issued = 0
         protected = list(protect)
         for key in keys:
@@ -94,6 +103,24 @@ class Prefetcher:
                 issued += 1
         self.counters.add("prefetches", issued)
         return issued
+
+    def _forecast(self, layer: int, probs_TE: torch.Tensor, p_E: torch.Tensor,
+                  start_s: float) -> LayerForecast:
+        """Scheduler view of one forecast layer: a work item per likely expert, with the
+        tokens it would get if active, and its probability of being active."""
+        tokens_E = probs_TE.clamp(0.0, 1.0).sum(dim=0)
+        items, probs = [], {}
+        for e in range(p_E.shape[0]):
+            p = float(p_E[e])
+            if p < self.threshold:
+                continue
+            key = (layer, e)
+            items.append(WorkItem(key=key, tokens=max(1, round(float(tokens_E[e]) / p)),
+                                  weight_bytes=self.weight_bytes,
+                                  flops_per_token=self.flops_per_token,
+                                  cached=bool(self.cache.resident(layer, e))))
+            probs[key] = min(1.0, p)
+        return LayerForecast(items=items, probs=probs, start_s=start_s)
 
 
 def gate_callables(blocks) -> list[Callable[[torch.Tensor], torch.Tensor]]:

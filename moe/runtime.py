@@ -48,7 +48,7 @@ class HybridRuntime:
         self.counters = _Counters()
         self.observers: list[RoutingObserver] = []
         self.flops_per_token = 6 * store.hidden * store.inter  # three D x F matmuls, 2 flops each
-        self.planner = LayerPlanner(cost_model or load_profile(self.device.type),
+        self.planner = LayerPlanner(cost_model or load_profile(self.device.type, path=config.cost_profile),
                                     rule=config.scheduler,
                                     copy_threshold_tokens=config.copy_threshold_tokens)
         # One pool thread: CPU experts run one after another, each on all cores (the
@@ -172,13 +172,14 @@ class RoutedExperts:
         def run_device(keys) -> None:
             cache.wait()  # this layer's copies only: prefetches below must not delay it
             if prefetcher is not None:
-                prefetched.append(prefetcher.issue(layer, x_TD, [(layer, e) for e in keys]))
+                prefetched.append(prefetcher.issue(layer, x_TD, [(layer, e) for e in keys],
+                                                   plan.makespan_s))
             emap_E = cache.expert_map(layer, keys)
             result.append(device_fused_moe(x_TD, cache.w13_N2FD, cache.w2_NDF, ids_TK, weights_TK, emap_E))
 
         rt.executor.run(plan, run_cpu=run_cpu, start_copy=start_copy, run_device=run_device)
         if prefetcher is not None and not prefetched:
-            prefetcher.issue(layer, x_TD, [])
+            prefetcher.issue(layer, x_TD, [], plan.makespan_s)
         y_TD = result[0] if result else torch.zeros_like(x_TD)
         if cpu_out:
             y_cpu_TD = torch.zeros(x_TD.shape, dtype=x_TD.dtype)

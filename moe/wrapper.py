@@ -96,8 +96,9 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
         blocks = [layers[i].mlp for i in moe_layers]
         runtime.prefetcher = Prefetcher(
             predictor=_make_predictor(config, blocks, gating.top_k, store.num_experts),
-            cache=cache, counters=runtime.counters, depth=config.prefetch_depth,
-            threshold=config.prefetch_threshold)
+            cache=cache, counters=runtime.counters, planner=runtime.planner,
+            weight_bytes=store.expert_bytes, flops_per_token=runtime.flops_per_token,
+            depth=config.prefetch_depth, threshold=config.prefetch_threshold)
     model._moe_runtime = runtime
     model._moe_budget = plan
     return runtime

@@ -69,13 +69,26 @@ def test_routing_observer_sees_every_layer(ckpt):
     assert len(seen) == 3
 
 
+@pytest.fixture(scope="module")
+def gpu_like_profile(tmp_path_factory):
+    """A cost profile in which the device is much faster than the CPU (as with a GPU), so
+    that copies, and prefetches, pay off even though the tests' device is the CPU."""
+    from moe.scheduler import AnalyticCostModel, save_profile
+
+    path = tmp_path_factory.mktemp("profile") / "gpu-like.json"
+    return str(save_profile(AnalyticCostModel.defaults("cuda"), device="cpu", path=path))
+
+
 @pytest.mark.parametrize("policy", ["lru", "predictive"])
-def test_gate_lookahead_prefetch_is_lossless_and_used(ckpt, reference, policy):
+def test_gate_lookahead_prefetch_is_lossless_and_used(ckpt, reference, policy, gpu_like_profile):
     """Prefetching with the gate-lookahead predictor copies experts ahead, hits on them,
-    and leaves outputs unchanged."""
+    and leaves outputs unchanged (lru: the scheduler's impact-driven choice; predictive:
+    the policy's own)."""
     ids, logits, gen, budget = reference
-    cfg = moe.RuntimeConfig(predictor="gate-lookahead", cache_policy=policy, prefetch_threshold=0.3)
-    model = moe.from_pretrained(ckpt, gpu_memory=budget, device="cpu", dtype=torch.float32, config=cfg)
+    cfg = moe.RuntimeConfig(predictor="gate-lookahead", cache_policy=policy, prefetch_threshold=0.3,
+                            cost_profile=gpu_like_profile)
+    half = budget + 6 * 3 * 24 * 32 * 4  # room for half of the 3 x 8 experts of 3 x 24 x 32 fp32
+    model = moe.from_pretrained(ckpt, gpu_memory=half, device="cpu", dtype=torch.float32, config=cfg)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), gen)
