@@ -14,4 +14,7 @@ __all__ = [
     "read_bandwidth_gbps", "thread_cap", "max_threads",
 ]
 
-# Routing kernels (routing.py) export their names below.
+# Routing helpers shared by every model family (plain torch, any device).
+from .routing import group_by_expert, select_experts  # noqa: E402
+
+__all__ += ["select_experts", "group_by_expert"]

@@ -20,13 +20,7 @@ class CliError(Exception):
 
 
 def _register(sub, module: str) -> None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return
-    mod.register(sub)
+    importlib.import_module(module).register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
