@@ -26,6 +26,7 @@ class HostExpertStore:
         self._w13: list[torch.Tensor | None] = [None] * num_layers
         self._w2: list[torch.Tensor | None] = [None] * num_layers
         self._filled = torch.zeros(num_layers, num_experts, 3, dtype=torch.bool)  # w1, w3, w2
+        self._cpu_q: list | None = None  # packed copies for the CPU path (quantize_for_cpu)
 
     # -- sizes -------------------------------------------------------------------------
     @property
@@ -92,6 +93,22 @@ class HostExpertStore:
         names = ("w1", "w3", "w2")
         idx = (~self._filled).nonzero().tolist()
         return [(l, e, names[p]) for l, e, p in idx]
+
+    # -- CPU-side quantized copies -------------------------------------------------------
+    def quantize_for_cpu(self, scheme: str, group_size: int = 128) -> None:
+        """Keep a packed int8/int4 copy of every expert for the CPU path (the dense
+        weights stay for device copies)."""
+        from moe.cpu_kernels import quantize
+
+        self._cpu_q = [[(quantize(self._w13[l][e], scheme, group_size),
+                         quantize(self._w2[l][e], scheme, group_size))
+                        for e in range(self.num_experts)] for l in range(self.num_layers)]
+
+    def cpu_weights(self, layer: int, expert: int):
+        """(w13, w2) the CPU kernel should read: packed when quantized, else the dense views."""
+        if self._cpu_q is not None:
+            return self._cpu_q[layer][expert]
+        return self.expert(layer, expert)
 
     # -- reading -----------------------------------------------------------------------
     def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

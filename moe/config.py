@@ -64,6 +64,11 @@ class RuntimeConfig:
     static_hot: for scheduler="static" / cache_policy="static-hot": experts pinned on the
         device, as {moe_layer_index: [expert ids]}; None picks by slot order.
     pin_memory: pin the host expert store (None: when CUDA is the device).
+    quantization: None, "int8" or "int4": CPU experts run on quantized copies of the
+        expert weights (int8 per-row scales; int4 with `quant_group_size` in 32/64/128
+        columns per scale), which they read 2x / ~3.5x faster than bf16. Lossy: outputs
+        then only approximate the model's. Device copies keep the original weights, so
+        the host holds both formats.
     cost_profile: cost-model profile JSON (`moe calibrate` writes one); None loads
         $MOE_PROFILE or this host's calibrated profile, else bandwidth-based defaults.
     """
@@ -77,6 +82,8 @@ class RuntimeConfig:
     prefetch_threshold: float = 0.5
     predictor_file: str | None = None
     cost_profile: str | None = None
+    quantization: str | None = None
+    quant_group_size: int = 128
     static_hot: dict[int, list[int]] | None = None
     pin_memory: bool | None = None
     extra: dict = field(default_factory=dict)
@@ -99,6 +106,10 @@ class RuntimeConfig:
             raise ValueError(f"prefetch_depth must be >= 1, got {self.prefetch_depth}")
         if not 0.0 <= self.prefetch_threshold <= 1.0:
             raise ValueError(f"prefetch_threshold must be in [0, 1], got {self.prefetch_threshold}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
         if self.predictor in ("transition", "frequency", "learned") and not self.predictor_file:
             raise ValueError(f"predictor {self.predictor!r} needs predictor_file: a routing trace "
                              "(transition, frequency) or a trained predictor (learned)")

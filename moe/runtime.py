@@ -194,6 +194,6 @@ def _cpu_expert(store: HostExpertStore, layer: int, e: int, x_TD: torch.Tensor,
                 tok_M: torch.Tensor, w_M: torch.Tensor,
                 threads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert on the CPU for its M routed rows; returns (rows, weighted output)."""
-    w13_2FD, w2_DF = store.expert(layer, e)
+    w13_2FD, w2_DF = store.cpu_weights(layer, e)
     y_MD = cpu_expert_ffn(x_TD.index_select(0, tok_M), w13_2FD, w2_DF, num_threads=threads)
     return tok_M, (y_MD * w_M[:, None]).to(x_TD.dtype)

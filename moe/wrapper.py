@@ -78,6 +78,8 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
     non_expert = _bytes(p for n, p in model.named_parameters() if ".experts." not in n + ".")
     plan = plan_budget(gpu_memory, non_expert, store.expert_bytes,
                        store.num_layers * store.num_experts)
+    if config.quantization is not None:
+        store.quantize_for_cpu(config.quantization, config.quant_group_size)
     policy = _make_policy(config)
     cache = DeviceExpertCache(store, num_slots=plan.num_slots, device=device, policy=policy)
     runtime = HybridRuntime(store=store, cache=cache, config=config, device=device)

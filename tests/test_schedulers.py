@@ -94,3 +94,27 @@ def test_gate_lookahead_prefetch_is_lossless_and_used(ckpt, reference, policy, g
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), gen)
     st = moe.stats(model)
     assert st["prefetches"] > 0 and st["prefetch_hits"] > 0, st
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_cpu_experts_match_dequantized_reference(ckpt, reference, scheme):
+    """Quantized CPU experts compute exactly the model whose experts are the dequantized
+    weights (so the only change is the quantization error itself)."""
+    from moe.cpu_kernels import quantize
+
+    ids, logits, _, budget = reference
+    ref = T.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            ex = layer.mlp.experts
+            for e in range(ex.gate_up_proj.shape[0]):
+                ex.gate_up_proj[e] = quantize(ex.gate_up_proj[e].contiguous(), scheme, 32).dequantize()
+                ex.down_proj[e] = quantize(ex.down_proj[e].contiguous(), scheme, 32).dequantize()
+        want = ref(ids).logits
+    cfg = moe.RuntimeConfig(quantization=scheme, quant_group_size=32, scheduler="cpu-only")
+    model = moe.from_pretrained(ckpt, gpu_memory=budget, device="cpu", dtype=torch.float32, config=cfg)
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, logits, rtol=1e-4, atol=1e-4)  # it really was quantized
+    assert moe.stats(model)["cpu_expert_calls"] > 0
