@@ -171,9 +171,9 @@ def from_pretrained(path_or_hub_id, gpu_memory="8GiB", dtype=None, device=None,
                 if parsed is not None:
                     layer, expert, part = parsed
                     if layer not in ordinal_of:
-                        raise CheckpointError(f"{shard.name}: {key} holds experts for decoder layer "
-                                              f"{layer}, which the config does not make a MoE layer: the config does not "
-                                              "match the weights")
+                        raise CheckpointError(
+                            f"{shard.name}: {key} holds experts for decoder layer {layer}, which "
+                            "the config does not make a MoE layer: the config does not match the weights")
                     try:
                         if expert is None:
                             for e in range(E):
