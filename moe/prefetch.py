@@ -4,11 +4,11 @@ are forecast to need into the device cache.
 The forecast reaches the cache policy (`observe_forecast`, so forecast experts are
 protected from eviction), and copies are issued on the copy stream right after layer l's
 own copies and before its device kernel, so they overlap layer l's CPU and device
-compute. Which experts: the policy's own `prefetch_requests()` when it has one (the
-predictive policy weighs a forecast against what it would evict), else the scheduler's
-impact-driven choice (`choose_prefetch`: probability times the makespan the copy saves
-in that layer's plan, so an expert that would run on the CPU just as fast is not
-copied). Every prefetch is one expert copy and is counted in h2d_bytes;
+compute. Which experts: the scheduler's impact-driven choice (`choose_prefetch`:
+probability times the makespan the copy saves in that layer's plan, so an expert that
+would run on the CPU just as fast is not copied), among the policy's own
+`prefetch_requests()` when it has them (the predictive policy weighs a forecast against
+what it would evict). Every prefetch is one expert copy and is counted in h2d_bytes;
 `prefetch_hits` counts prefetched experts that a later layer then used.
 """
 from __future__ import annotations
@@ -84,14 +84,18 @@ class Prefetcher:
             policy.observe_forecast(target, p_E.numpy())
             if self.planner is not None:
                 forecasts.append(self._forecast(target, probs_TdE[:, j], p_E, (j + 1) * layer_time_s))
-        if hasattr(policy, "prefetch_requests"):
-            keys = [k for k in policy.prefetch_requests() if not self.cache.resident(*k)]
-        elif forecasts:
+        keys: list = []
+        if forecasts:
+            if hasattr(policy, "prefetch_requests"):
+                # The policy proposes (it weighs each copy against what it would evict);
+                # the cost model disposes: only copies that shorten a layer are issued.
+                wanted = set(k for k in policy.prefetch_requests() if not self.cache.resident(*k))
+                forecasts = [LayerForecast(items=fc.items, start_s=fc.start_s,
+                                           probs={k: p for k, p in fc.probs.items() if k in wanted})
+                             for fc in forecasts]
             keys = choose_prefetch(forecasts, self.planner.cost, planner=self.planner,
                                    rule=self.planner.rule,
                                    free_slots=self.cache.evictable(protect=protect))
-        else:
-            keys = []
         issued = 0
         protected = list(protect)
         for key in keys:

@@ -38,16 +38,18 @@ def _inputs(vocab: int):
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("how", ["wrap", "from_pretrained"])
-def test_logits_and_greedy_match_transformers(checkpoints, family, budget, how):
+def test_logits_and_greedy_match_transformers(checkpoints, family, budget, how, gpu_like_profile):
     """Logits match transformers to 1e-4 and greedy generation is identical, at every budget."""
     path = checkpoints[family]
     ref = _reference(path)
     ids = _inputs(ref.config.vocab_size)
     gpu_memory = _budget(ref, budget)
+    config = moe.RuntimeConfig(cost_profile=gpu_like_profile)
     if how == "wrap":
-        model = moe.wrap(_reference(path), gpu_memory=gpu_memory, device="cpu")
+        model = moe.wrap(_reference(path), gpu_memory=gpu_memory, device="cpu", config=config)
     else:
-        model = moe.from_pretrained(path, gpu_memory=gpu_memory, device="cpu", dtype=torch.float32)
+        model = moe.from_pretrained(path, gpu_memory=gpu_memory, device="cpu", dtype=torch.float32,
+                                    config=config)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
     gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -69,16 +69,6 @@ def test_routing_observer_sees_every_layer(ckpt):
     assert len(seen) == 3
 
 
-@pytest.fixture(scope="module")
-def gpu_like_profile(tmp_path_factory):
-    """A cost profile in which the device is much faster than the CPU (as with a GPU), so
-    that copies, and prefetches, pay off even though the tests' device is the CPU."""
-    from moe.scheduler import AnalyticCostModel, save_profile
-
-    path = tmp_path_factory.mktemp("profile") / "gpu-like.json"
-    return str(save_profile(AnalyticCostModel.defaults("cuda"), device="cpu", path=path))
-
-
 @pytest.mark.parametrize("policy", ["lru", "predictive"])
 def test_gate_lookahead_prefetch_is_lossless_and_used(ckpt, reference, policy, gpu_like_profile):
     """Prefetching with the gate-lookahead predictor copies experts ahead, hits on them,
