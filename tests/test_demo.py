@@ -89,11 +89,12 @@ def test_demo_gpu_memory_fits_half_the_experts():
     assert demo_gpu_memory(build_demo_hf_model(0, dtype=torch.float16)) == (other + expert // 2) // 2
 
 
-def test_wrapped_demo_matches_unwrapped_and_uses_both_tiers():
+def test_wrapped_demo_matches_unwrapped_and_uses_both_tiers(gpu_like_profile):
     """The wrapped demo decodes the same greedy tokens as plain transformers and runs experts on CPU and device."""
     tok = ByteTokenizer()
     ref = build_demo_hf_model(0)
-    model, tokenizer = build_demo_model(seed=0)
+    # A device much faster than the CPU (as with a GPU) makes the planner use both tiers.
+    model, tokenizer = build_demo_model(seed=0, config=moe.RuntimeConfig(cost_profile=gpu_like_profile))
     assert isinstance(tokenizer, ByteTokenizer)
     ids_1S = torch.tensor([tok.encode("The quick brown fox")])
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
