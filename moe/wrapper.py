@@ -93,8 +93,11 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
             shared_gate=getattr(old, family.shared_gate) if family.shared_gate else None)
         del old
     model.to(device)
-    # cpu-only keeps no experts on the device and static keeps a fixed set: no prefetch.
-    if config.predictor is not None and config.scheduler not in ("cpu-only", "static"):
+    # cpu-only keeps no experts on the device and static keeps a fixed set; and where the
+    # "device" shares the CPU's cores and memory a copy can never shorten a layer: no
+    # prefetch (and no forecasting work) in those cases.
+    shared = getattr(runtime.planner.cost, "shared_cores", False)
+    if config.predictor is not None and config.scheduler not in ("cpu-only", "static") and not shared:
         blocks = [layers[i].mlp for i in moe_layers]
         runtime.prefetcher = Prefetcher(
             predictor=_make_predictor(config, blocks, gating.top_k, store.num_experts),
