@@ -16,6 +16,7 @@ SHAPES = [
     (64, 33, 47),
     (0, 33, 47),
     (1, 160, 96),
+    (1, 130, 67),  # T = 1 rows with full 64-column steps, a column tail and a row tail
     (5, 160, 96),
     (2, 1, 1),
     (4, 1100, 1030),  # K beyond one 1024-column chunk, with a partial int4 group at the end
