@@ -14,7 +14,9 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
          --matmul w2--> yf_TD --(bf16? round to nearest even)--> y_TD
 
 `expert_ffn` releases the GIL inside the kernels and may be called from several Python
-threads at once; see numba_util for the threading model and `num_threads`.
+threads at once; see numba_util for the threading model and `num_threads`. A matmul
+with fewer than SERIAL_BYTES of weights x tokens, or any matmul under a cap of one
+thread, runs on the calling thread without launching numba's thread pool.
 `expert_ffn_reference` is the plain-torch definition the kernels are tested against.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import expert_ffn_kernels as K
-from .int4_kernels import matmul_int4
+from .int4_kernels import matmul_int4, matmul_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
 from .numba_util import launch_guard, thread_cap
 from .quant import Int4Weight, Int8Weight
@@ -40,6 +42,10 @@ Weight = torch.Tensor | Int8Weight | Int4Weight
 # larger (prefill) buffers are allocated per call so idle threads do not pin them.
 _WORKSPACE_KEEP_BYTES = 32 << 20
 _tls = threading.local()
+# Below this many weight bytes times tokens a matmul runs on the calling thread: a
+# parallel launch costs ~10 us when the pool is idle and far more when another process
+# holds a core (the launch waits for every thread), against ~15 us to stream 256 KiB.
+SERIAL_BYTES = 256 << 10
 
 
 def _workspace(n: int) -> np.ndarray:
@@ -79,8 +85,12 @@ def weight_nbytes(w: Weight) -> int:
 
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """out_TR = x_TK @ w.T with the kernel for w's format."""
+    nthreads = numba.get_num_threads()
+    if nthreads == 1 or x_TK.shape[0] * weight_nbytes(w) < SERIAL_BYTES:
+        _matmul_serial(x_TK, w, out_TR)
+        return
     # One contiguous row range per thread (numba's prange schedule is static anyway).
-    nch = max(1, min(out_TR.shape[1], numba.get_num_threads()))
+    nch = max(1, min(out_TR.shape[1], nthreads))
     if isinstance(w, Int8Weight):
         K.matmul_int8(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, nch)
     elif isinstance(w, Int4Weight):
@@ -89,6 +99,19 @@ def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
         K.matmul_bf16(x_TK, w.detach().view(torch.int16).numpy().view(np.uint16), out_TR, nch)
     else:
         K.matmul_f32(x_TK, w.detach().numpy(), out_TR, nch)
+
+
+def _matmul_serial(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
+    """_matmul on the calling thread, without waking numba's thread pool."""
+    R = out_TR.shape[1]
+    if isinstance(w, Int8Weight):
+        K.rows_int8(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, 0, R)
+    elif isinstance(w, Int4Weight):
+        matmul_int4_serial(x_TK, w.packed_RB.numpy(), w.scale_RG.numpy(), w.group_size, out_TR)
+    elif w.dtype == torch.bfloat16:
+        K.rows_bf16(x_TK, w.detach().view(torch.int16).numpy().view(np.uint16), out_TR, 0, R)
+    else:
+        K.rows_f32(x_TK, w.detach().numpy(), out_TR, 0, R)
 
 
 def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None) -> tuple[int, int, int]:

@@ -41,7 +41,7 @@ from .tiles import wide_vectors as _wide_vectors
 from .tiles import store_block as _store_block
 from .tiles import tile_chunk as _tile_chunk
 
-__all__ = ["matmul_f32", "matmul_bf16", "matmul_int8"]
+__all__ = ["matmul_f32", "matmul_bf16", "matmul_int8", "rows_f32", "rows_bf16", "rows_int8"]
 
 # T == 1 bf16 / int8: columns per step of the row loop (one 64-byte line of int8, two of
 # bf16) and how far ahead, in bytes, each row stream is prefetched.
@@ -235,6 +235,11 @@ def _rows_int8(x_TK, q_RK, scale_R, out_TR, r_lo, r_hi):
                 _tile_chunk(x_TK, k0, k1, s_BC, 0, acc_T4, k0 == 0)
             _store_block(acc_T4, nb, out_TR, b0)
 
+
+# Serial entry points (one thread, no thread-pool launch): the row functions themselves.
+rows_f32 = _rows_f32
+rows_bf16 = _rows_bf16
+rows_int8 = _rows_int8
 
 # The parallel entry points only split rows into chunks: numba compiles prange bodies
 # into separate functions that do not reliably keep the fastmath flags, so the hot loops

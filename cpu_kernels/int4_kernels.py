@@ -25,7 +25,7 @@ from .tiles import tile_chunk as _tile_chunk
 # Chunks must hold whole groups (see _int4_decode_cols).
 assert _KC % 128 == 0
 
-__all__ = ["matmul_int4"]
+__all__ = ["matmul_int4", "matmul_int4_serial"]
 
 # int4 unpack: numba widens integer arithmetic to int64; converting an int64 to float
 # vectorises as 64-bit lanes (vcvtqq2ps, half the throughput), so every unpacked value
@@ -226,6 +226,25 @@ def _rows_int4(x_TK, p_RP, scale_RG, xsum_TG, group, out_TR, r_lo, r_hi):
         _rows_int4_g(x_TK, p_RP, scale_RG, xsum_TG, 128, out_TR, r_lo, r_hi)
 
 
+@njit_kernel(parallel=False)
+def _group_sums_for(x_TK, group, G):
+    """xsum_TG for _rows_int4: the group sums of x at T == 1, else an unused zero row."""
+    xsum_TG = np.zeros((1, G), np.float32)
+    if x_TK.shape[0] == 1:
+        _int4_group_sums(x_TK, group, xsum_TG)
+    return xsum_TG
+
+
+@njit_kernel(parallel=False)
+def matmul_int4_serial(x_TK, p_RP, scale_RG, group, out_TR):
+    """matmul_int4 on the calling thread only (no thread-pool launch; for small weights)."""
+    R = p_RP.shape[0]
+    if x_TK.shape[0] == 0 or R == 0:
+        return
+    xsum_TG = _group_sums_for(x_TK, group, scale_RG.shape[1])
+    _rows_int4(x_TK, p_RP, scale_RG, xsum_TG, group, out_TR, 0, R)
+
+
 @njit_kernel()
 def matmul_int4(x_TK, p_RP, scale_RG, group, out_TR, nch):
     """out_TR = x_TK @ dequant(p_RP, scale_RG).T; p_RP uint8 [R, P], scale_RG float32 [R, G]."""
@@ -234,8 +253,6 @@ def matmul_int4(x_TK, p_RP, scale_RG, group, out_TR, nch):
     if T == 0 or R == 0:
         return
     # Only the T == 1 path uses the group sums; T > 1 dequantises rows instead.
-    xsum_TG = np.zeros((1, scale_RG.shape[1]), np.float32)
-    if T == 1:
-        _int4_group_sums(x_TK, group, xsum_TG)
+    xsum_TG = _group_sums_for(x_TK, group, scale_RG.shape[1])
     for c in prange(nch):
         _rows_int4(x_TK, p_RP, scale_RG, xsum_TG, group, out_TR, c * R // nch, (c + 1) * R // nch)

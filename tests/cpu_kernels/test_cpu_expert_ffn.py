@@ -1,4 +1,5 @@
 """expert_ffn (Numba) against expert_ffn_reference (plain torch) over shapes, formats, dtypes."""
+import importlib
 import threading
 
 import numpy as np
@@ -7,6 +8,8 @@ import torch
 
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
 from moe.cpu_kernels import tiles
+
+expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
 
 # (T, D, F): decode sizes, odd sizes, a size with full and partial int4 groups, empty T.
 SHAPES = [
@@ -54,6 +57,18 @@ def test_matches_reference(T, D, F, fmt, x_dtype):
     y_TD = expert_ffn(x_TD, w13, w2)
     assert y_TD.dtype == x_dtype and tuple(y_TD.shape) == (T, D)
     torch.testing.assert_close(y_TD, expert_ffn_reference(x_TD, w13, w2), **TOL[x_dtype])
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("serial_bytes", [0, 1 << 40])
+def test_parallel_and_serial_paths_match_reference(T, fmt, serial_bytes, monkeypatch):
+    """Forcing every matmul onto the thread pool (0) or the calling thread (huge) gives the reference."""
+    monkeypatch.setattr(expert_ffn_module, "SERIAL_BYTES", serial_bytes)
+    w13, w2 = make_weights(130, 67, fmt)
+    x_TD = torch.randn(T, 130)
+    torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2),
+                               **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
