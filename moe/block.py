@@ -47,12 +47,19 @@ class HybridMoeBlock(nn.Module):
         self.routed = routed
         self.store = store
 
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E], in fp32 where the family computes them so."""
+        w_ED = self.gate.weight
+        return F.linear(x_TD.float(), w_ED.float()) if self.gating.router_fp32 else F.linear(x_TD, w_ED)
+
+    def correction_bias(self) -> torch.Tensor | None:
+        return self.gate.e_score_correction_bias if self.gating.has_correction_bias else None
+
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_weights_TK, topk_ids_TK) with the family's exact gating rule."""
         g = self.gating
-        w_ED = self.gate.weight
-        logits_TE = F.linear(x_TD.float(), w_ED.float()) if g.router_fp32 else F.linear(x_TD, w_ED)
-        bias_E = self.gate.e_score_correction_bias if g.has_correction_bias else None
+        logits_TE = self.logits(x_TD)
+        bias_E = self.correction_bias()
         weights_TK, ids_TK = select_experts(logits_TE, g.top_k, correction_bias_E=bias_E,
                                             **g.select_kwargs())
         if g.weights_in_logits_dtype:

@@ -1,9 +1,8 @@
 """Runtime configuration: one keyword-only dataclass, validated on construction."""
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["RuntimeConfig", "parse_size", "SCHEDULERS", "CACHE_POLICIES", "PREDICTORS"]
 
@@ -86,7 +85,6 @@ class RuntimeConfig:
     quant_group_size: int = 128
     static_hot: dict[int, list[int]] | None = None
     pin_memory: bool | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -113,7 +111,3 @@ class RuntimeConfig:
         if self.predictor in ("transition", "frequency", "learned") and not self.predictor_file:
             raise ValueError(f"predictor {self.predictor!r} needs predictor_file: a routing trace "
                              "(transition, frequency) or a trained predictor (learned)")
-
-    @property
-    def threads(self) -> int:
-        return self.cpu_threads or max(1, os.cpu_count() or 1)

@@ -132,15 +132,11 @@ def gate_callables(blocks) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     score function (softmax or sigmoid plus correction bias)."""
     def make(block):
         def gate(h_TD: torch.Tensor) -> torch.Tensor:
-            g = block.gating
-            w = block.gate.weight
-            logits = torch.nn.functional.linear(h_TD.float(), w.float()) if g.router_fp32 \
-                else torch.nn.functional.linear(h_TD, w)
-            if g.score == "sigmoid":
-                s = torch.sigmoid(logits.float())
-                if g.has_correction_bias:
-                    s = s + block.gate.e_score_correction_bias.float()
-                return s
-            return torch.softmax(logits.float(), dim=-1)
+            logits = block.logits(h_TD).float()
+            if block.gating.score == "softmax":
+                return torch.softmax(logits, dim=-1)
+            s = torch.sigmoid(logits)
+            bias = block.correction_bias()
+            return s if bias is None else s + bias.float()
         return gate
     return [make(b) for b in blocks]

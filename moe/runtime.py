@@ -27,8 +27,9 @@ __all__ = ["HybridRuntime", "RoutedExperts", "RoutingObserver"]
 
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-_STAT_KEYS = ("cache_hits", "cache_misses", "h2d_bytes", "cpu_expert_calls", "gpu_expert_calls",
-              "prefetch_hits", "prefetches", "copies", "evictions", "layer_calls", "tokens")
+# Counted here; copies, evictions and h2d_bytes are the cache's own counters (stats()).
+_STAT_KEYS = ("cache_hits", "cache_misses", "cpu_expert_calls", "gpu_expert_calls",
+              "prefetch_hits", "prefetches", "layer_calls", "tokens")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 from moe.block import HybridMoeBlock
 from moe.config import RuntimeConfig, parse_size
 from moe.expert_cache.device_cache import DeviceExpertCache
-from moe.expert_cache.policy import LRUPolicy
+from moe.expert_cache.policies import make_policy
 from moe.expert_cache.store import HostExpertStore
 from moe.families import Family, family_for_config
 from moe.prefetch import Prefetcher, gate_callables
@@ -80,7 +80,7 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
                        store.num_layers * store.num_experts)
     if config.quantization is not None:
         store.quantize_for_cpu(config.quantization, config.quant_group_size)
-    policy = _make_policy(config)
+    policy = make_policy(config.cache_policy)
     cache = DeviceExpertCache(store, num_slots=plan.num_slots, device=device, policy=policy)
     runtime = HybridRuntime(store=store, cache=cache, config=config, device=device)
     gating = family.gating(model.config)
@@ -128,16 +128,6 @@ def _make_predictor(config: RuntimeConfig, blocks, top_k: int, num_experts: int)
         raise ValueError(f"predictor from {config.predictor_file} is for {pred.num_layers} MoE layers x "
                          f"{pred.num_experts} experts, but the model has {len(blocks)} x {num_experts}")
     return pred
-
-
-def _make_policy(config: RuntimeConfig):
-    if config.cache_policy == "lru":
-        return LRUPolicy()
-    try:
-        from moe.expert_cache.policies import make_policy
-    except ImportError as exc:  # pragma: no cover - policies ship with the package
-        raise ValueError(f"cache_policy {config.cache_policy!r} is not available: {exc}") from exc
-    return make_policy(config.cache_policy)
 
 
 def wrap(hf_model: nn.Module, gpu_memory="8GiB", device=None, config: RuntimeConfig | None = None):
