@@ -22,10 +22,13 @@ import torch.distributed as dist
 from moe.comms.dispatch import all_to_all, apply_local_experts, plan_dispatch
 from moe.comms.placement import ExpertPlacement
 
-__all__ = ["EPConfig", "ExpertParallel", "LayerExpertFn"]
+__all__ = ["EPConfig", "ExpertParallel", "LayerExpertFn", "LayerGroupedFn"]
 
-# expert_fn(layer, expert, x_ND) -> y_ND
+# expert_fn(layer, expert, x_ND) -> y_ND: one local expert at a time
 LayerExpertFn = Callable[[int, int, torch.Tensor], torch.Tensor]
+# grouped_fn(layer, x_ND, ids_NK, weights_NK) -> y_ND: every local expert of a layer in one
+# call (a fused kernel); ids_NK is -1 where the slot is served on another rank.
+LayerGroupedFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HEADER = 6  # count, layer, done, D, dtype code, K
@@ -52,17 +55,25 @@ class EPStats:
     local_activations: int = 0
     activations: int = 0
     wire_bytes: int = 0  # dispatch + combine bytes this rank sent to others
+    expert_calls: int = 0  # (round, local expert) pairs that had rows to serve
+    expert_rows: int = 0  # (row, expert) activations this rank's experts served, own and others'
 
 
 class ExpertParallel:
     """Runs the routed experts of every MoE layer across the ranks of `group`.
 
     placement: which rank holds which experts (same object on every rank).
-    expert_fn: computes one local expert: (layer, expert, x_ND) -> y_ND.
+    expert_fn: computes one local expert: (layer, expert, x_ND) -> y_ND; or
+    grouped_fn: computes all local experts of a layer in one call (see LayerGroupedFn).
+    Exactly one of the two is given.
     """
 
-    def __init__(self, *, placement: ExpertPlacement, expert_fn: LayerExpertFn,
+    def __init__(self, *, placement: ExpertPlacement, expert_fn: LayerExpertFn | None = None,
+                 grouped_fn: LayerGroupedFn | None = None,
                  group: dist.ProcessGroup | None = None, config: EPConfig | None = None) -> None:
+        if (expert_fn is None) == (grouped_fn is None):
+            raise ValueError("give exactly one of expert_fn (one expert per call) and grouped_fn "
+                             "(all local experts of a layer per call)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -70,7 +81,9 @@ class ExpertParallel:
             raise ValueError(f"placement is for {placement.world_size} ranks, the process group has "
                              f"{self.world_size}")
         self.placement = placement
-        self.expert_fn = expert_fn
+        self.expert_fn, self.grouped_fn = expert_fn, grouped_fn
+        # local_LE[l, e]: this rank holds expert e of layer l (checks what other ranks send)
+        self.local_LE = placement.holds_LER[:, :, self.rank].clone()
         self.config = config or EPConfig()
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -144,11 +157,32 @@ class ExpertParallel:
         meta_N2K = all_to_all(meta_S2K, send_counts, recv_counts, self.group)
         x_ND = all_to_all(x_SD, send_counts, recv_counts, self.group)
         ids_NK, w_NK = meta_N2K[:, :K].long(), meta_N2K[:, K:].float()
-        y_ND = apply_local_experts(
-            x_ND, ids_NK, w_NK, lambda e, x: self.expert_fn(layer_now, e, x),
-            self.placement.local_experts(layer_now, self.rank),
-        )
+        self._count_served(layer_now, ids_NK)
+        if self.grouped_fn is None:
+            y_ND = apply_local_experts(
+                x_ND, ids_NK, w_NK, lambda e, x: self.expert_fn(layer_now, e, x),
+                self.placement.local_experts(layer_now, self.rank),
+            )
+        elif x_ND.shape[0]:
+            y_ND = self.grouped_fn(layer_now, x_ND, ids_NK, w_NK).to(x_ND.dtype)
+        else:
+            y_ND = torch.zeros_like(x_ND)
         return all_to_all(y_ND, recv_counts, send_counts, self.group)
+
+    def _count_served(self, layer: int, ids_NK: torch.Tensor) -> None:
+        """Count the rows this rank's experts serve; refuse ids it does not hold."""
+        ids = ids_NK[ids_NK >= 0].cpu()
+        if ids.numel() == 0:
+            return
+        held_E = self.local_LE[layer]
+        if ids.max() >= held_E.numel() or not bool(held_E[ids].all()):
+            e = int(ids[(ids >= held_E.numel()) | ~held_E[ids.clamp(max=held_E.numel() - 1)]][0])
+            raise RuntimeError(
+                f"received a token for expert {e} of MoE layer {layer}, which this rank does not hold "
+                f"(holds {self.placement.local_experts(layer, self.rank)}): ranks disagree on the "
+                "expert placement")
+        self.stats.expert_rows += ids.numel()
+        self.stats.expert_calls += int(torch.unique(ids).numel())
 
     def _count(self, plan, dest_TK: torch.Tensor, x_SD: torch.Tensor) -> None:
         s = self.stats

@@ -122,6 +122,20 @@ class DeviceExpertCache:
         self.evictions += 1
         return s
 
+    def release(self) -> None:
+        """Give back every slot's device memory; the cache then holds nothing (used when
+        the model runs expert-parallel and each rank keeps its own experts instead)."""
+        self.wait()
+        for key in [k for k in self._key_of_slot if k is not None]:
+            self.evict(*key)
+        self.evictions = 0
+        self._pinned.clear()
+        self.num_slots = 0
+        self._free, self._key_of_slot = [], []
+        D, F, dt = self.store.hidden, self.store.inter, self.store.dtype
+        self.w13_N2FD = torch.empty(0, 2 * F, D, dtype=dt, device=self.device)
+        self.w2_NDF = torch.empty(0, D, F, dtype=dt, device=self.device)
+
     def _copy_in(self, layer: int, expert: int, s: int) -> None:
         w13_2FD, w2_DF = self.store.expert(layer, expert)
         if self._copy_stream is None:

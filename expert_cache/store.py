@@ -4,6 +4,10 @@ Shape key: L MoE layers, E experts per layer, D model dim, F expert hidden dim.
 Per layer the store holds w13_E2FD (gate rows [0:F], up rows [F:2F]) and w2_EDF, the
 layout both the CPU kernels and the device cache slots use, so a copy to the device is
 one contiguous memcpy per tensor.
+
+A store may hold only a subset of the experts (`held_LE`): under expert parallelism each
+rank keeps just its own. Then each layer's tensors have one row per held expert, and
+asking for an expert that is not held raises.
 """
 from __future__ import annotations
 
@@ -16,11 +20,12 @@ class HostExpertStore:
     """Expert weights of L layers x E experts, filled layer by layer or expert by expert."""
 
     def __init__(self, *, num_layers: int, num_experts: int, hidden: int, inter: int,
-                 dtype: torch.dtype, pin_memory: bool = False) -> None:
+                 dtype: torch.dtype, pin_memory: bool = False, held_LE: torch.Tensor | None = None) -> None:
         if min(num_layers, num_experts, hidden, inter) < 1:
             raise ValueError("store dimensions must be >= 1, got "
                              f"layers={num_layers} experts={num_experts} D={hidden} F={inter}")
         self.num_layers, self.num_experts = num_layers, num_experts
+        self._set_held(held_LE)
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.pin_memory = pin_memory
         self._w13: list[torch.Tensor | None] = [None] * num_layers
@@ -29,6 +34,33 @@ class HostExpertStore:
         self._cpu_q: list | None = None  # packed copies for the CPU path (quantize_for_cpu)
 
     # -- sizes -------------------------------------------------------------------------
+    def _set_held(self, held_LE: torch.Tensor | None) -> None:
+        L, E = self.num_layers, self.num_experts
+        if held_LE is None:
+            held_LE = torch.ones(L, E, dtype=torch.bool)
+        held_LE = torch.as_tensor(held_LE)
+        if held_LE.dtype != torch.bool or tuple(held_LE.shape) != (L, E):
+            raise ValueError(f"held_LE must be a bool tensor [{L} layers, {E} experts], "
+                             f"got {held_LE.dtype} {tuple(held_LE.shape)}")
+        self.held_LE = held_LE.clone()
+        # row_LE[l, e]: the row of expert e in layer l's tensors, -1 if not held
+        self._row_LE = torch.where(held_LE, held_LE.long().cumsum(1) - 1, -1)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        """Whether this store keeps expert `expert` of MoE layer `layer`."""
+        return bool(self.held_LE[layer, expert])
+
+    @property
+    def holds_all(self) -> bool:
+        return bool(self.held_LE.all())
+
+    def _row(self, layer: int, expert: int) -> int:
+        r = int(self._row_LE[layer, expert])
+        if r < 0:
+            raise KeyError(f"expert {expert} of MoE layer {layer} is not held in this process's store "
+                           "(under expert parallelism each rank keeps only its own experts)")
+        return r
+
     @property
     def expert_bytes(self) -> int:
         """Bytes of one expert (w13 + w2): what one host-to-device copy moves."""
@@ -36,12 +68,12 @@ class HostExpertStore:
 
     @property
     def total_bytes(self) -> int:
-        return self.expert_bytes * self.num_layers * self.num_experts
+        return self.expert_bytes * int(self.held_LE.sum())
 
     # -- filling -----------------------------------------------------------------------
     def _alloc(self, layer: int) -> None:
         if self._w13[layer] is None:
-            E, D, F = self.num_experts, self.hidden, self.inter
+            E, D, F = int(self.held_LE[layer].sum()), self.hidden, self.inter
             self._w13[layer] = torch.empty(E, 2 * F, D, dtype=self.dtype, pin_memory=self.pin_memory)
             self._w2[layer] = torch.empty(E, D, F, dtype=self.dtype, pin_memory=self.pin_memory)
 
@@ -55,6 +87,9 @@ class HostExpertStore:
                 f"layer {layer}: expected w13 {(E, 2 * F, D)} and w2 {(E, D, F)}, "
                 f"got {tuple(w13_E2FD.shape)} and {tuple(w2_EDF.shape)}")
         adopt = (not self.pin_memory and w13_E2FD.device.type == "cpu" and w2_EDF.device.type == "cpu")
+        if not self.held_LE[layer].all():  # keep only the held experts' rows
+            rows_E = self.held_LE[layer].nonzero().flatten()
+            w13_E2FD, w2_EDF = w13_E2FD[rows_E], w2_EDF[rows_E]
         if adopt:
             self._w13[layer] = w13_E2FD.detach().to(self.dtype).contiguous()
             self._w2[layer] = w2_EDF.detach().to(self.dtype).contiguous()
@@ -62,21 +97,25 @@ class HostExpertStore:
             self._alloc(layer)
             self._w13[layer].copy_(w13_E2FD.detach())
             self._w2[layer].copy_(w2_EDF.detach())
-        self._filled[layer] = True
+        self._filled[layer] = self.held_LE[layer, :, None].expand(-1, 3)
 
     def set_part(self, layer: int, expert: int, part: str, w: torch.Tensor) -> None:
         """Stream one checkpoint tensor in: part "w1" (gate) / "w3" (up) [F, D], "w2" (down)
-        [D, F], or "w13" [2F, D]."""
+        [D, F], or "w13" [2F, D]. A tensor of an expert this store does not hold is
+        dropped (check `holds` first to skip reading it)."""
         self._check_layer(layer)
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} out of range 0..{self.num_experts - 1} in layer {layer}")
+        if not self.held_LE[layer, expert]:
+            return
         self._alloc(layer)
         D, F = self.hidden, self.inter
+        r = self._row(layer, expert)
         targets = {
-            "w1": (self._w13[layer][expert, :F], (F, D), (0,)),
-            "w3": (self._w13[layer][expert, F:], (F, D), (1,)),
-            "w13": (self._w13[layer][expert], (2 * F, D), (0, 1)),
-            "w2": (self._w2[layer][expert], (D, F), (2,)),
+            "w1": (self._w13[layer][r, :F], (F, D), (0,)),
+            "w3": (self._w13[layer][r, F:], (F, D), (1,)),
+            "w13": (self._w13[layer][r], (2 * F, D), (0, 1)),
+            "w2": (self._w2[layer][r], (D, F), (2,)),
         }
         if part not in targets:
             raise ValueError(f"unknown expert tensor part {part!r}")
@@ -89,9 +128,9 @@ class HostExpertStore:
             self._filled[layer, expert, f] = True
 
     def missing(self) -> list[tuple[int, int, str]]:
-        """(layer, expert, part) of every tensor not yet filled."""
+        """(layer, expert, part) of every tensor of a held expert not yet filled."""
         names = ("w1", "w3", "w2")
-        idx = (~self._filled).nonzero().tolist()
+        idx = (~self._filled & self.held_LE[:, :, None]).nonzero().tolist()
         return [(l, e, names[p]) for l, e, p in idx]
 
     # -- CPU-side quantized copies -------------------------------------------------------
@@ -100,14 +139,14 @@ class HostExpertStore:
         weights stay for device copies)."""
         from moe.cpu_kernels import quantize
 
-        self._cpu_q = [[(quantize(self._w13[l][e], scheme, group_size),
-                         quantize(self._w2[l][e], scheme, group_size))
-                        for e in range(self.num_experts)] for l in range(self.num_layers)]
+        self._cpu_q = [[(quantize(self._w13[l][r], scheme, group_size),
+                         quantize(self._w2[l][r], scheme, group_size))
+                        for r in range(int(self.held_LE[l].sum()))] for l in range(self.num_layers)]
 
     def cpu_weights(self, layer: int, expert: int):
         """(w13, w2) the CPU kernel should read: packed when quantized, else the dense views."""
         if self._cpu_q is not None:
-            return self._cpu_q[layer][expert]
+            return self._cpu_q[layer][self._row(layer, expert)]
         return self.expert(layer, expert)
 
     # -- reading -----------------------------------------------------------------------
@@ -116,10 +155,32 @@ class HostExpertStore:
         self._check_layer(layer)
         if self._w13[layer] is None:
             raise RuntimeError(f"layer {layer} of the expert store was never filled")
-        return self._w13[layer][expert], self._w2[layer][expert]
+        r = self._row(layer, expert)
+        return self._w13[layer][r], self._w2[layer][r]
+
+    def keep_only(self, held_LE: torch.Tensor) -> None:
+        """Drop every expert outside `held_LE` (a subset of what is held now), freeing its
+        memory: an expert-parallel rank keeps its own experts only."""
+        held_LE = torch.as_tensor(held_LE)
+        if tuple(held_LE.shape) != tuple(self.held_LE.shape) or held_LE.dtype != torch.bool:
+            raise ValueError(f"held_LE must be a bool tensor {tuple(self.held_LE.shape)}")
+        if (held_LE & ~self.held_LE).any():
+            l, e = (held_LE & ~self.held_LE).nonzero()[0].tolist()
+            raise KeyError(f"cannot keep expert {e} of MoE layer {l}: this store does not hold it")
+        old_row_LE = self._row_LE
+        for l in range(self.num_layers):
+            if self._w13[l] is not None and not torch.equal(held_LE[l], self.held_LE[l]):
+                rows = old_row_LE[l][held_LE[l]]
+                self._w13[l], self._w2[l] = self._w13[l][rows].clone(), self._w2[l][rows].clone()
+                if self.pin_memory:
+                    self._w13[l], self._w2[l] = self._w13[l].pin_memory(), self._w2[l].pin_memory()
+                if self._cpu_q is not None:
+                    self._cpu_q[l] = [self._cpu_q[l][int(r)] for r in rows]
+        self._filled &= held_LE[:, :, None]
+        self._set_held(held_LE)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13_E2FD, w2_EDF) of a whole layer."""
+        """(w13_E2FD, w2_EDF) of a whole layer (rows of the held experts only)."""
         self._check_layer(layer)
         if self._w13[layer] is None:
             raise RuntimeError(f"layer {layer} of the expert store was never filled")

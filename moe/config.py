@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["RuntimeConfig", "parse_size", "SCHEDULERS", "CACHE_POLICIES", "PREDICTORS"]
+__all__ = ["RuntimeConfig", "EPShard", "parse_size", "SCHEDULERS", "CACHE_POLICIES", "PREDICTORS"]
 
 # Placement rules (moe.scheduler.planner): "dynamic" minimises each layer's makespan on
 # the cost model; the others are the single rules offload systems use.
@@ -41,6 +41,24 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+@dataclass(kw_only=True, frozen=True)
+class EPShard:
+    """This process is rank `rank` of `world_size` expert-parallel ranks.
+
+    placement: a placement JSON file (`moe bench a2a --save-placement`), None for the
+    contiguous layout. The rank keeps only the routed experts the placement gives it.
+    """
+
+    rank: int
+    world_size: int
+    placement: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ep_shard rank {self.rank} of world_size {self.world_size}: need "
+                             "world_size >= 1 and 0 <= rank < world_size")
+
+
 @dataclass(kw_only=True)
 class RuntimeConfig:
     """How the hybrid runtime places and caches experts.
@@ -70,6 +88,10 @@ class RuntimeConfig:
         the host holds both formats.
     cost_profile: cost-model profile JSON (`moe calibrate` writes one); None loads
         $MOE_PROFILE or this host's calibrated profile, else bandwidth-based defaults.
+    ep_shard: an EPShard when this process is one rank of expert parallelism: only that
+        rank's routed experts are loaded (the others are never read from the checkpoint)
+        and no device expert cache is built; `moe.ep.enable_expert_parallel` with the same
+        placement must then run the model (`moe launch` does both).
     """
 
     cache_policy: str = "predictive"
@@ -85,6 +107,7 @@ class RuntimeConfig:
     quant_group_size: int = 128
     static_hot: dict[int, list[int]] | None = None
     pin_memory: bool | None = None
+    ep_shard: EPShard | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -108,6 +131,8 @@ class RuntimeConfig:
             raise ValueError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
         if self.quant_group_size not in (32, 64, 128):
             raise ValueError(f"quant_group_size must be 32, 64 or 128, got {self.quant_group_size}")
+        if self.ep_shard is not None and not isinstance(self.ep_shard, EPShard):
+            raise TypeError(f"ep_shard must be a moe.config.EPShard or None, got {type(self.ep_shard).__name__}")
         if self.predictor in ("transition", "frequency", "learned") and not self.predictor_file:
             raise ValueError(f"predictor {self.predictor!r} needs predictor_file: a routing trace "
                              "(transition, frequency) or a trained predictor (learned)")

@@ -6,7 +6,14 @@ Every rank holds a whole copy of the non-expert weights and runs attention on it
 data-parallel share of the input; `enable_expert_parallel` swaps each
 `HybridMoeBlock.routed` for one `ExpertParallel` executor, so the family's own gating
 picks experts and the executor runs them on whichever rank holds them. A rank's
-experts are taken from the block's host store once, onto the executor's device.
+experts are taken from the block's host store once, onto the executor's device (on
+CUDA stacked per layer for the fused Triton kernel; on the CPU run in place by the
+Numba kernel); the host store then keeps only what this rank still needs, and the
+single-process device cache is released.
+
+Loaded with `RuntimeConfig(ep_shard=EPShard(rank, world_size, placement))` (what
+`moe launch` does), a rank reads only its own experts from the checkpoint, so R ranks
+on one host hold the experts once between them, not R times.
 
 Expert grouping (comms.grouping) applies here through the placement. Token shuffling
 (comms.shuffle) does not: attention is data-parallel with each sequence's KV cache on
@@ -20,19 +27,21 @@ enables expert parallelism on the model that `moe generate` loads through
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moe.block import HybridMoeBlock
 from moe.comms.ep import EPConfig, ExpertParallel
 from moe.comms.group import GroupConfig, init_from_env
 from moe.comms.placement import ExpertPlacement
+from moe.config import EPShard, RuntimeConfig
+from moe.kernels import cpu_expert_ffn, device_fused_moe
 
 __all__ = ["enable_expert_parallel", "executor_of", "moe_blocks", "EPRouted", "worker_main", "launch_job"]
 
@@ -49,21 +58,54 @@ def moe_blocks(model: nn.Module) -> list[HybridMoeBlock]:
 
 
 class _LocalExperts:
-    """This rank's experts, on the executor's device: (layer, expert, x_ND) -> y_ND (SwiGLU)."""
+    """This rank's experts, one grouped call per layer: (layer, x_ND, ids_NK, weights_NK)
+    -> y_ND, where ids_NK is -1 for slots another rank serves.
 
-    def __init__(self, store, placement: ExpertPlacement, rank: int, device: torch.device) -> None:
-        self.weights = {}
-        for layer in range(placement.num_layers):
-            for e in placement.local_experts(layer, rank):
-                w13_2FD, w2_DF = store.expert(layer, e)
-                self.weights[layer, e] = (w13_2FD.to(device), w2_DF.to(device))
-        self.inter = store.inter
+    With the executor on CUDA the rank's experts of each layer are stacked once in device
+    memory and run by the fused Triton kernel, with an expert map (global id -> local
+    slot, -1 elsewhere), the contract the kernel has for this. On the CPU each local
+    expert runs the Numba kernel on its rows, reading the host store in place (its packed
+    copy when the runtime quantises CPU experts): nothing is copied.
+    """
 
-    def __call__(self, layer: int, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        w13_2FD, w2_DF = self.weights[layer, e]
-        h_N2F = F.linear(x_ND.to(w13_2FD.dtype), w13_2FD)
-        a_NF = F.silu(h_N2F[:, : self.inter]) * h_N2F[:, self.inter:]
-        return F.linear(a_NF, w2_DF).to(x_ND.dtype)
+    def __init__(self, store, placement: ExpertPlacement, rank: int, device: torch.device,
+                 fused: bool | None = None) -> None:
+        self.store, self.device, self.E = store, device, placement.num_experts
+        self.local = [placement.local_experts(l, rank) for l in range(placement.num_layers)]
+        for l, experts in enumerate(self.local):
+            for e in experts:
+                if not store.holds(l, e):
+                    raise ValueError(f"the placement gives this rank (rank {rank}) expert {e} of MoE layer "
+                                     f"{l}, which its expert store did not load: load the model with the "
+                                     "same placement (RuntimeConfig.ep_shard) that expert parallelism uses")
+        self.stacked = []  # per layer when fused (default: on CUDA): (w13_N2FD, w2_NDF, map_G)
+        if device.type == "cuda" if fused is None else fused:
+            for l, experts in enumerate(self.local):
+                D, F2 = store.hidden, 2 * store.inter
+                w13 = torch.empty(len(experts), F2, D, dtype=store.dtype, device=device)
+                w2 = torch.empty(len(experts), D, F2 // 2, dtype=store.dtype, device=device)
+                for i, e in enumerate(experts):
+                    a, b = store.expert(l, e)
+                    w13[i].copy_(a)
+                    w2[i].copy_(b)
+                # id E (slots served elsewhere, -1 on the wire) maps to -1 as well
+                map_G = torch.full((self.E + 1,), -1, dtype=torch.int32)
+                map_G[torch.as_tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
+                self.stacked.append((w13, w2, map_G.to(device)))
+
+    def __call__(self, layer: int, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            w13, w2, map_G = self.stacked[layer]
+            ids_NK = torch.where(ids_NK < 0, self.E, ids_NK).to(self.device)
+            return device_fused_moe(x_ND, w13, w2, ids_NK, w_NK.to(self.device), map_G)
+        y_ND = torch.zeros(x_ND.shape, dtype=torch.float32)
+        for e in self.local[layer]:
+            rows_M, slot_M = (ids_NK == e).nonzero(as_tuple=True)
+            if len(rows_M):
+                w13, w2 = self.store.cpu_weights(layer, e)
+                out_MD = cpu_expert_ffn(x_ND[rows_M], w13, w2).float()
+                y_ND.index_add_(0, rows_M, out_MD * w_NK[rows_M, slot_M, None].float())
+        return y_ND.to(x_ND.dtype)
 
 
 class EPRouted:
@@ -97,10 +139,16 @@ def enable_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
         else torch.device("cpu")
     experts = _LocalExperts(store, placement, dist.get_rank(group), device)
-    executor = ExpertParallel(placement=placement, expert_fn=experts, group=group, config=config)
+    executor = ExpertParallel(placement=placement, grouped_fn=experts, group=group, config=config)
     for block in blocks:
         block.routed = EPRouted(executor, block.layer)
     model._moe_ep = executor
+    runtime = getattr(model, "_moe_runtime", None)
+    if runtime is not None:  # the single-process expert cache and prefetch no longer run
+        runtime.release_device_experts()
+    # Host memory keeps only this rank's experts (none on CUDA: they live on the device now).
+    keep_LE = placement.holds_LER[:, :, dist.get_rank(group)] & store.held_LE
+    store.keep_only(torch.zeros_like(keep_LE) if device.type == "cuda" else keep_LE)
     return executor
 
 
@@ -114,14 +162,18 @@ def executor_of(model: nn.Module) -> ExpertParallel | None:
 class _WorkerContext:
     group: dist.ProcessGroup
     placement: ExpertPlacement | None
+    placement_path: str | None
     config: EPConfig
     executors: list = field(default_factory=list)
 
 
 def _install_generate_hook(ctx: _WorkerContext) -> None:
-    """Make `moe generate` enable expert parallelism on the model it loads."""
+    """Make `moe generate` load only this rank's experts and run them expert-parallel."""
     import moe.generate_job as job
 
+    shard = EPShard(rank=dist.get_rank(ctx.group), world_size=dist.get_world_size(ctx.group),
+                    placement=ctx.placement_path)
+    job.add_config_hook(lambda cfg: dataclasses.replace(cfg or RuntimeConfig(), ep_shard=shard))
     job.add_load_hook(lambda model: ctx.executors.append(
         enable_expert_parallel(model, ctx.group, ctx.placement, config=ctx.config)))
 
@@ -183,7 +235,8 @@ def worker_main(argv: list[str] | None = None) -> int:
             return 0
         placement = ExpertPlacement.load(args.placement) if args.placement else None
         comm = _COMM_DTYPES[args.comm_dtype] if args.comm_dtype else None
-        ctx = _WorkerContext(group=group, placement=placement, config=EPConfig(comm_dtype=comm))
+        ctx = _WorkerContext(group=group, placement=placement, placement_path=args.placement,
+                             config=EPConfig(comm_dtype=comm))
         _install_generate_hook(ctx)
         code = _run_command([a.replace("{rank}", str(rank)) for a in args.command])
         if code != 0:
@@ -194,6 +247,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         if ctx.executors:
             s = ctx.executors[0].stats
             log(f"done: {s.rounds} rounds, {s.local_activations}/{s.activations} activations local, "
+                f"{s.expert_calls} expert calls serving {s.expert_rows} rows, "
                 f"{s.wire_bytes} bytes sent to other ranks")
         return 0
     finally:

@@ -58,10 +58,22 @@ def add_load_hook(fn) -> None:
     _load_hooks.append(fn)
 
 
+# Called with the RuntimeConfig (or None) a job asks for, returning the one to load with:
+# how `moe launch` makes each rank load only its own experts (RuntimeConfig.ep_shard).
+_config_hooks: list = []
+
+
+def add_config_hook(fn) -> None:
+    """Load every model from now on in this process with fn(runtime_config_or_None)."""
+    _config_hooks.append(fn)
+
+
 def load_model(model_id: str | None, *, gpu_memory=None, dtype=None, device=None, runtime=None):
     """(wrapped model, tokenizer): the demo MoE when `model_id` is None, else the
     checkpoint (local folder or Hub id, HF_HUB_OFFLINE honoured) through
     `moe.from_pretrained`; the tokenizer loads first, so a missing one fails fast."""
+    for hook in _config_hooks:
+        runtime = hook(runtime)
     if model_id is None:
         model, tokenizer = build_demo_model(gpu_memory=gpu_memory, device=device, config=runtime,
                                             dtype=dtype or torch.float32)

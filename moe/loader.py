@@ -19,7 +19,7 @@ from torch import nn
 from moe.config import RuntimeConfig
 from moe.expert_cache.store import HostExpertStore
 from moe.families import family_for_config
-from moe.wrapper import install_runtime, moe_layer_indices, resolve_device, _decoder_layers
+from moe.wrapper import _decoder_layers, held_experts, install_runtime, moe_layer_indices, resolve_device
 
 __all__ = ["from_pretrained", "resolve_checkpoint", "CheckpointError"]
 
@@ -148,7 +148,8 @@ def from_pretrained(path_or_hub_id, gpu_memory="8GiB", dtype=None, device=None,
     store = HostExpertStore(num_layers=len(moe_layers), num_experts=E, hidden=D, inter=F,
                             dtype=expert_dtype,
                             pin_memory=config.pin_memory if config.pin_memory is not None
-                            else device.type == "cuda")
+                            else device.type == "cuda",
+                            held_LE=held_experts(config, len(moe_layers), E))
     for i in moe_layers:
         del layers[i].mlp.experts
     # Non-expert tensors are loaded on CPU first: the budget check must run before
@@ -163,6 +164,9 @@ def from_pretrained(path_or_hub_id, gpu_memory="8GiB", dtype=None, device=None,
         with _open(shard) as f:
             for key in f.keys():
                 parsed = family.parse_expert_key(key)
+                if parsed is not None and parsed[1] is not None and parsed[0] in ordinal_of \
+                        and 0 <= parsed[1] < E and not store.holds(ordinal_of[parsed[0]], parsed[1]):
+                    continue  # another expert-parallel rank's expert: never read it
                 try:
                     tensor = f.get_tensor(key)
                 except Exception as exc:

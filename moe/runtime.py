@@ -57,7 +57,7 @@ class HybridRuntime:
         self.executor = LayerExecutor(cpu_threads=1)
         self._hot: dict[int, frozenset[int]] = {}
         self.prefetcher = None  # set by install_runtime when a predictor is configured
-        if config.scheduler == "static":
+        if config.scheduler == "static" and config.ep_shard is None:
             keys = self._static_hot_keys()
             self.cache.pin(keys)
             for l, e in keys:
@@ -88,6 +88,12 @@ class HybridRuntime:
 
     def close(self) -> None:
         self.executor.close()
+
+    def release_device_experts(self) -> None:
+        """Stop caching and prefetching experts on the device and free the cache's memory:
+        the model now runs its routed experts elsewhere (expert parallelism)."""
+        self.prefetcher = None
+        self.cache.release()
 
     def _static_hot_keys(self) -> list[tuple[int, int]]:
         """Experts pinned by scheduler="static": the configured set, else as many experts

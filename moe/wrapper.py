@@ -1,6 +1,7 @@
 """`moe.wrap`: turn a transformers MoE model into a hybrid CPU/device model in place."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from moe.families import Family, family_for_config
 from moe.prefetch import Prefetcher, gate_callables
 from moe.runtime import HybridRuntime
 
-__all__ = ["wrap", "stats", "add_routing_observer", "runtime_of", "BudgetError", "install_runtime",
+__all__ = ["wrap", "stats", "add_routing_observer", "runtime_of", "BudgetError", "install_runtime", "held_experts",
            "resolve_device"]
 
 
@@ -69,6 +70,25 @@ def plan_budget(gpu_memory, non_expert_bytes: int, expert_bytes: int, num_expert
     return _Plan(num_slots=int(slots), non_expert_bytes=non_expert_bytes, budget=budget)
 
 
+def held_experts(config: RuntimeConfig, num_layers: int, num_experts: int) -> torch.Tensor | None:
+    """bool [L, E]: the routed experts this process keeps (None: all), from config.ep_shard."""
+    shard = config.ep_shard
+    if shard is None:
+        return None
+    from moe.comms.placement import ExpertPlacement
+
+    if shard.placement is None:
+        placement = ExpertPlacement.contiguous(num_layers, num_experts, shard.world_size)
+    else:
+        placement = ExpertPlacement.load(shard.placement)
+    if (placement.num_layers, placement.num_experts, placement.world_size) != \
+            (num_layers, num_experts, shard.world_size):
+        raise ValueError(f"placement {shard.placement} covers {placement.num_layers} MoE layers x "
+                         f"{placement.num_experts} experts on {placement.world_size} ranks; the model has "
+                         f"{num_layers} x {num_experts} and the run {shard.world_size} ranks")
+    return placement.holds_LER[:, :, shard.rank].clone()
+
+
 def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
                     store: HostExpertStore, gpu_memory, device: torch.device,
                     config: RuntimeConfig) -> HybridRuntime:
@@ -77,7 +97,7 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
     layers = _decoder_layers(model)
     non_expert = _bytes(p for n, p in model.named_parameters() if ".experts." not in n + ".")
     plan = plan_budget(gpu_memory, non_expert, store.expert_bytes,
-                       store.num_layers * store.num_experts)
+                       0 if config.ep_shard is not None else store.num_layers * store.num_experts)
     if config.quantization is not None:
         store.quantize_for_cpu(config.quantization, config.quant_group_size)
     policy = make_policy(config.cache_policy)
@@ -97,7 +117,8 @@ def install_runtime(model: nn.Module, *, family: Family, moe_layers: list[int],
     # "device" shares the CPU's cores and memory a copy can never shorten a layer: no
     # prefetch (and no forecasting work) in those cases.
     shared = getattr(runtime.planner.cost, "shared_cores", False)
-    if config.predictor is not None and config.scheduler not in ("cpu-only", "static") and not shared:
+    if config.predictor is not None and config.scheduler not in ("cpu-only", "static") and not shared \
+            and config.ep_shard is None:
         blocks = [layers[i].mlp for i in moe_layers]
         runtime.prefetcher = Prefetcher(
             predictor=_make_predictor(config, blocks, gating.top_k, store.num_experts),
@@ -160,7 +181,8 @@ def wrap(hf_model: nn.Module, gpu_memory="8GiB", device=None, config: RuntimeCon
     store = HostExpertStore(num_layers=len(moe_layers), num_experts=E, hidden=D, inter=twoF // 2,
                             dtype=first.gate_up_proj.dtype,
                             pin_memory=config.pin_memory if config.pin_memory is not None
-                            else device.type == "cuda")
+                            else device.type == "cuda",
+                            held_LE=held_experts(config, len(moe_layers), E))
     for ordinal, i in enumerate(moe_layers):
         experts = layers[i].mlp.experts
         store.set_layer(ordinal, experts.gate_up_proj.data, experts.down_proj.data)
@@ -180,8 +202,21 @@ def runtime_of(model: nn.Module) -> HybridRuntime:
 
 def stats(model: nn.Module) -> dict:
     """Counters: cache_hits, cache_misses, h2d_bytes, cpu_expert_calls, gpu_expert_calls,
-    prefetch_hits, plus hit_rate, copies, evictions, cache_slots, tokens, ..."""
-    return runtime_of(model).stats()
+    prefetch_hits, plus hit_rate, copies, evictions, cache_slots, tokens, ...
+
+    Under expert parallelism (moe.ep) the routed experts run on the ranks that hold them:
+    the expert calls this rank served count as cpu_ or gpu_expert_calls (by the executor's
+    device), and "ep" holds the executor's counters (rounds, local/remote activations,
+    bytes sent to other ranks, the local activation rate "lar")."""
+    out = runtime_of(model).stats()
+    ep = getattr(model, "_moe_ep", None)
+    if ep is not None:
+        s = dataclasses.asdict(ep.stats)
+        s.update(rank=ep.rank, world_size=ep.world_size, device=str(ep.device),
+                 lar=s["local_activations"] / s["activations"] if s["activations"] else 0.0)
+        out["ep"] = s
+        out["gpu_expert_calls" if ep.device.type == "cuda" else "cpu_expert_calls"] += s["expert_calls"]
+    return out
 
 
 class _ObserverHandle:

@@ -52,3 +52,17 @@ def test_ep_logits_match_transformers(group, family):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
     assert ep.stats.rounds == store.num_layers and ep.stats.activations == 18 * store.num_layers * \
         moe_blocks(model)[0].gating.top_k
+    s = moe.stats(model)  # the single-process cache is gone; the EP executor's expert calls count
+    assert s["cache_slots"] == 0 and s["ep"]["expert_calls"] > 0 and s["ep"]["lar"] == 1.0
+    assert s["cpu_expert_calls"] == s["ep"]["expert_calls"] and s["ep"]["expert_rows"] == ep.stats.activations
+
+
+def test_executor_needs_exactly_one_expert_function(group):
+    """ExpertParallel refuses both or neither of the per-expert and grouped functions."""
+    from moe.comms.ep import ExpertParallel
+
+    p = ExpertPlacement.contiguous(1, 4, 1)
+    with pytest.raises(ValueError, match="exactly one of expert_fn"):
+        ExpertParallel(placement=p, group=group)
+    with pytest.raises(ValueError, match="exactly one of expert_fn"):
+        ExpertParallel(placement=p, group=group, expert_fn=lambda l, e, x: x, grouped_fn=lambda l, x, i, w: x)
