@@ -67,6 +67,18 @@ class HostExpertStore:
         return 3 * self.hidden * self.inter * torch.empty((), dtype=self.dtype).element_size()
 
     @property
+    def cpu_expert_bytes(self) -> int:
+        """Bytes one CPU run of an expert reads: its packed copy when quantized for the CPU."""
+        if self._cpu_q is None:
+            return self.expert_bytes
+        from moe.cpu_kernels import weight_nbytes
+
+        for layer in self._cpu_q:
+            if layer:
+                return sum(weight_nbytes(w) for w in layer[0])
+        return self.expert_bytes
+
+    @property
     def total_bytes(self) -> int:
         return self.expert_bytes * int(self.held_LE.sum())
 

@@ -49,6 +49,8 @@ class HybridRuntime:
         self.counters = _Counters()
         self.observers: list[RoutingObserver] = []
         self.flops_per_token = 6 * store.hidden * store.inter  # three D x F matmuls, 2 flops each
+        # Quantized CPU experts read their packed copy: the planner must see the smaller bytes.
+        self.cpu_expert_bytes = store.cpu_expert_bytes if config.quantization else None
         self.planner = LayerPlanner(cost_model or load_profile(self.device.type, path=config.cost_profile),
                                     rule=config.scheduler,
                                     copy_threshold_tokens=config.copy_threshold_tokens)
@@ -144,7 +146,8 @@ class RoutedExperts:
             prefetcher.observe(layer, ids_cpu_TK, active)
 
         items = [WorkItem(key=e, tokens=int(counts_E[e]), weight_bytes=store.expert_bytes,
-                          flops_per_token=rt.flops_per_token, cached=bool(cache.resident(layer, e)))
+                          flops_per_token=rt.flops_per_token, cached=bool(cache.resident(layer, e)),
+                          cpu_read_bytes=rt.cpu_expert_bytes)
                  for e in active]
         resident_active = [(layer, it.key) for it in items if it.cached]
         plan = rt.planner.plan(items, max_copies=cache.evictable(protect=resident_active),

@@ -2,7 +2,7 @@
 
 Every time is a roofline with a fixed per-call latency:
 
-    cpu_time(item)    = cpu_call_s    + max(bytes_read / cpu_read_bw,    tokens * flops_per_token / cpu_flops)
+    cpu_time(item)    = cpu_call_s    + max(cpu_bytes_read / cpu_read_bw,    tokens * flops_per_token / cpu_flops)
     device_time(item) = device_call_s + max(bytes_read / device_read_bw, tokens * flops_per_token / device_flops)
     copy_time(nbytes) = copy_call_s   + nbytes / h2d_bw
 
@@ -133,7 +133,8 @@ class AnalyticCostModel(CostModel):
         if item.tokens == 0:
             return 0.0
         read_bps, flops, call_s = self._rates[item.kind, side]
-        return call_s + max(item.bytes_read / read_bps, item.tokens * item.flops_per_token / flops)
+        nbytes = item.cpu_bytes_read if side == "cpu" else item.bytes_read
+        return call_s + max(nbytes / read_bps, item.tokens * item.flops_per_token / flops)
 
     def cpu_time(self, item: WorkItem) -> float:
         return self._time(item, "cpu")

@@ -287,7 +287,7 @@ class LayerPlanner:
         hot = set(hot)
         sigs = [
             (it.tokens, it.weight_bytes, it.flops_per_token, it.cached, it.copy_ready_s if it.in_flight else -1.0,
-             it.kind, it.bytes_read, self.rule == "static" and it.key in hot)
+             it.kind, it.bytes_read, it.cpu_bytes_read, self.rule == "static" and it.key in hot)
             for it in items
         ]
         order = sorted(range(len(items)), key=lambda i: sigs[i])

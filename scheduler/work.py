@@ -41,6 +41,8 @@ class WorkItem:
     kind: cost-model family, one of KINDS.
     read_bytes: bytes one run actually reads when that is less than weight_bytes
         (embedding lookups touch `tokens` rows, not the table); None means weight_bytes.
+    cpu_read_bytes: bytes a CPU run reads when the CPU keeps its own, smaller copy of the
+        weights (int8/int4 packed experts); None means the same as a device run.
     """
 
     key: Hashable
@@ -51,6 +53,7 @@ class WorkItem:
     copy_ready_s: float | None = None
     kind: str = "expert"
     read_bytes: int | None = None
+    cpu_read_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tokens", "weight_bytes", "flops_per_token"):
@@ -71,11 +74,21 @@ class WorkItem:
             isinstance(self.read_bytes, bool) or not isinstance(self.read_bytes, int) or self.read_bytes < 0
         ):
             raise ValueError(f"WorkItem {self.key!r}: read_bytes must be None or an int >= 0, got {self.read_bytes!r}")
+        if self.cpu_read_bytes is not None and (
+            isinstance(self.cpu_read_bytes, bool) or not isinstance(self.cpu_read_bytes, int) or self.cpu_read_bytes < 0
+        ):
+            raise ValueError(f"WorkItem {self.key!r}: cpu_read_bytes must be None or an int >= 0, "
+                             f"got {self.cpu_read_bytes!r}")
 
     @property
     def bytes_read(self) -> int:
         """Bytes one run reads from wherever the weights live."""
         return self.weight_bytes if self.read_bytes is None else self.read_bytes
+
+    @property
+    def cpu_bytes_read(self) -> int:
+        """Bytes one CPU run reads (its own packed copy where it has one)."""
+        return self.bytes_read if self.cpu_read_bytes is None else self.cpu_read_bytes
 
     @property
     def in_flight(self) -> bool:

@@ -108,3 +108,5 @@ def test_quantized_cpu_experts_match_dequantized_reference(ckpt, reference, sche
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out, logits, rtol=1e-4, atol=1e-4)  # it really was quantized
     assert moe.stats(model)["cpu_expert_calls"] > 0
+    rt = moe.wrapper.runtime_of(model)  # the planner sees the packed copy's smaller reads
+    assert rt.cpu_expert_bytes == rt.store.cpu_expert_bytes < rt.store.expert_bytes / 2

@@ -43,6 +43,17 @@ def test_per_kind_override_and_read_bytes():
     assert math.isclose(m.cpu_time(emb), 1e-3)
 
 
+def test_cpu_copy_of_other_size_changes_only_cpu_time():
+    """cpu_read_bytes (a packed CPU copy) shortens the CPU run and leaves the device run alone."""
+    m = AnalyticCostModel(cpu_read_gbps=10, cpu_call_s=0, device_read_gbps=100, device_call_s=0)
+    dense = WorkItem(key=0, tokens=1, weight_bytes=10**9, flops_per_token=1)
+    packed = WorkItem(key=0, tokens=1, weight_bytes=10**9, flops_per_token=1, cpu_read_bytes=10**9 // 4)
+    assert math.isclose(m.cpu_time(packed), m.cpu_time(dense) / 4)
+    assert m.device_time(packed) == m.device_time(dense)
+    with pytest.raises(ValueError, match="cpu_read_bytes"):
+        WorkItem(key=0, tokens=1, weight_bytes=1, flops_per_token=1, cpu_read_bytes=-1)
+
+
 @pytest.mark.parametrize(
     "kw,word",
     [({"cpu_read_gbps": 0}, "cpu_read_gbps"), ({"h2d_gbps": float("inf")}, "h2d_gbps"),
