@@ -11,6 +11,13 @@ trace (see comms.replay for the exact model) and compares, side by side:
              layer (perfect speculation; the moves are paid for at the combine)
   hindsight  fitted grouping, the shuffle choosing among the same free candidates with
              knowledge of the next layer (the best any predictor of this shuffle can do)
+  replicas   grouping + shuffling with `replicas` extra expert slots per rank filled
+             EPLB-style from the profile's loads: it costs expert memory the baseline does
+             not spend, so it is shown apart and never the headline
+
+The shuffle's history length (and, where allowed, its temporal feature) is chosen by
+cross-validation inside the profile: fit on one half (token order), replay the other,
+both ways, keep the setting with the fewest bytes. The measured trace is never consulted.
 
 and, for comparison with accounts that treat the move as free (combine = dispatch
 rows), the same table under that accounting.
@@ -21,26 +28,39 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.comms.grouping import GroupingConfig, fit_grouped_placement
+from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, home_ranks, replay
-from moe.comms.shuffle import ShuffleConfig, TransitionShuffler
+from moe.comms.shuffle import ShuffleConfig, TransitionShuffler, previous_experts, previous_token
 
 __all__ = ["A2ABenchConfig", "run_a2a_bench", "format_report"]
 
 
 @dataclass(kw_only=True)
 class A2ABenchConfig:
-    """ranks: EP world size; replay, grouping, shuffle: the component configs."""
+    """ranks: EP world size; replay, grouping, shuffle: the component configs.
+    histories: history lengths the in-profile cross-validation chooses from (empty: use
+    shuffle.history as given). allow_temporal: the cross-validation may also turn on the
+    shuffle's temporal feature (decode traffic only); shuffle.temporal forces it on.
+    replicas: extra expert slots per rank of the separate replicas row (0: no such row).
+    """
 
     ranks: int = 4
     replay: ReplayConfig = None  # type: ignore[assignment]
     grouping: GroupingConfig = None  # type: ignore[assignment]
     shuffle: ShuffleConfig = None  # type: ignore[assignment]
+    histories: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    allow_temporal: bool = False
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if self.ranks < 2:
             raise ValueError(f"ranks must be >= 2 for expert parallelism, got {self.ranks}")
+        self.histories = tuple(self.histories)
+        if any(h < 1 for h in self.histories):
+            raise ValueError(f"histories must be >= 1 layer each, got {self.histories}")
+        if self.replicas < 0:
+            raise ValueError(f"replicas must be >= 0 extra slots per rank, got {self.replicas}")
         self.replay = self.replay or ReplayConfig()
         self.grouping = self.grouping or GroupingConfig()
         self.shuffle = self.shuffle or ShuffleConfig()
@@ -53,7 +73,7 @@ class _Hindsight:
         self.placement, self.ids_TLK = placement, expert_ids_TLK.long()
         self.config = ShuffleConfig(history=history)
 
-    def choose(self, layer, history_THK, candidates_TR, loc_T):
+    def choose(self, layer, history_THK, candidates_TR, loc_T, prev_next_TK=None):
         served_TR = self.placement.holds_LER[layer + 1][self.ids_TLK[:, layer + 1]].any(1)
         s_TR = (candidates_TR & served_TR).double()
         s_TR[torch.arange(len(loc_T)), loc_T] += 1e-6
@@ -65,6 +85,7 @@ def _free_move_rows(ids_TLK, seq_starts, placement, predictor, config: ReplayCon
     T, L, _ = ids_TLK.shape
     R = placement.world_size
     loc_T, rows = home_ranks(seq_starts, T, R, config.home), 0
+    prev_T = previous_token(seq_starts, T)
     for l in range(L):
         served_TR = placement.holds_LER[l][ids_TLK[:, l]].any(1)
         rows += 2 * int(served_TR.sum() - served_TR[torch.arange(T), loc_T].sum())
@@ -72,8 +93,44 @@ def _free_move_rows(ids_TLK, seq_starts, placement, predictor, config: ReplayCon
             loc_T = placement.primary_rank(l + 1, ids_TLK[:, l + 1, 0])
         elif l < L - 1 and predictor is not None:
             history_THK = ids_TLK[:, max(0, l - predictor.config.history + 1): l + 1].flip(1)
-            loc_T = predictor.scores(l, history_THK).argmax(1)
+            loc_T = predictor.scores(l, history_THK, previous_experts(ids_TLK, prev_T, l + 1)).argmax(1)
     return rows
+
+
+def _halves(ids_TLK: torch.Tensor, starts: torch.Tensor):
+    """The first and second half of a trace in token order, each with its own seq_starts."""
+    T = ids_TLK.shape[0]
+    out = []
+    for a, b in ((0, T // 2), (T // 2, T)):
+        inner = [int(s) - a for s in starts.tolist() if a < s < b]
+        out.append((ids_TLK[a:b], torch.tensor([0, *inner, b - a], dtype=torch.int64)))
+    return out
+
+
+def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: torch.Tensor,
+                   config: A2ABenchConfig) -> tuple[ShuffleConfig, dict]:
+    """The shuffle setting with the fewest replayed bytes across the two halves of a profile.
+
+    Each half fits a shuffler that replays the other half under `placement`; returns the
+    chosen config and {"history=H temporal=b": bytes} for every setting tried.
+    """
+    base = config.shuffle
+    if not config.histories:
+        return base, {}
+    temporals = (True,) if base.temporal else ((False, True) if config.allow_temporal else (False,))
+    parts = _halves(ids_TLK, starts)
+    tried, best = {}, None
+    for temporal in temporals:
+        for h in config.histories:
+            cfg = ShuffleConfig(history=h, prior=base.prior, temporal=temporal)
+            nbytes = 0
+            for (fit_ids, fit_starts), (test_ids, test_starts) in ((parts[0], parts[1]), (parts[1], parts[0])):
+                sh = TransitionShuffler(placement, fit_ids, cfg, fit_starts)
+                nbytes += replay(test_ids, test_starts, placement, sh, config.replay).bytes
+            tried[f"history={h} temporal={temporal}"] = nbytes
+            if best is None or nbytes < best[0]:  # ties keep the earlier, simpler setting
+                best = (nbytes, cfg)
+    return best[1], tried
 
 
 def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
@@ -88,14 +145,19 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
         raise ValueError(f"--ranks {R} exceeds the {E} experts per layer: some rank would hold none")
     ids_TLK, starts = trace.expert_ids.long(), trace.seq_starts
     contiguous = ExpertPlacement.contiguous(L, E, R)
-    grouped = fit_grouped_placement(profile.expert_ids, E, R, config.grouping)
-    shuf_c = TransitionShuffler(contiguous, profile.expert_ids, config.shuffle)
-    shuf_g = TransitionShuffler(grouped, profile.expert_ids, config.shuffle)
+    prof_ids, prof_starts = profile.expert_ids.long(), profile.seq_starts
+    grouped = fit_grouped_placement(prof_ids, E, R, config.grouping)
+    shuffle_cfg, tried = select_shuffle(grouped, prof_ids, prof_starts, config)
+    shuf_c = TransitionShuffler(contiguous, prof_ids, shuffle_cfg, prof_starts)
+    shuf_g = TransitionShuffler(grouped, prof_ids, shuffle_cfg, prof_starts)
     runs = {
         "baseline": (contiguous, None), "shuffle": (contiguous, shuf_c), "grouping": (grouped, None),
         "ours": (grouped, shuf_g), "oracle": (grouped, "oracle"),
-        "hindsight": (grouped, _Hindsight(grouped, ids_TLK, config.shuffle.history)),
+        "hindsight": (grouped, _Hindsight(grouped, ids_TLK, shuffle_cfg.history)),
     }
+    if config.replicas:
+        replicated = grouped.with_replicas(affinity_stats(prof_ids, E).load_LE, config.replicas)
+        runs["replicas"] = (replicated, TransitionShuffler(replicated, prof_ids, shuffle_cfg, prof_starts))
     rows = {name: replay(ids_TLK, starts, pl, sh, config.replay).as_dict() for name, (pl, sh) in runs.items()}
     base_bytes = rows["baseline"]["bytes"]
     for r in rows.values():
@@ -109,6 +171,7 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
         "ranks": R, "layers": L, "experts": E, "tokens": trace.num_tokens,
         "profile_tokens": profile.num_tokens, "hidden_size": config.replay.hidden_size,
         "home": config.replay.home, "rows": rows, "free_move_reduction": free_red,
+        "shuffle": {"history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal, "cv_bytes": tried},
         "placement": grouped.to_json(),
         "summary": {
             "baseline_bytes": base_bytes, "bytes": ours["bytes"],
@@ -118,6 +181,9 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             "grouping_bytes": rows["grouping"]["bytes"], "oracle_bytes": oracle["bytes"],
             "hindsight_bytes": rows["hindsight"]["bytes"], "spec_hit": ours["spec_hit"],
             "share_of_oracle": (base_bytes - ours["bytes"]) / bound_gain if bound_gain > 0 else None,
+            "history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal,
+            "replicas_reduction": rows["replicas"]["reduction"] if "replicas" in rows else None,
+            "replicas_imbalance": rows["replicas"]["imbalance"] if "replicas" in rows else None,
         },
     }
 
@@ -131,7 +197,7 @@ def format_report(res: dict) -> str:
         f"{'':10} {'KB/tok/layer':>12} {'reduction':>9} {'LAR':>6} {'imbal':>6} {'worst':>6} {'spec ok':>7}",
     ]
     labels = {"baseline": "baseline", "shuffle": "shuffle", "grouping": "grouping", "ours": "grp+shuf",
-              "oracle": "oracle", "hindsight": "hindsight"}
+              "oracle": "oracle", "hindsight": "hindsight", "replicas": "+replicas"}
     for name, r in res["rows"].items():
         hit = f"{r['spec_hit']:.3f}" if r["spec_hit"] is not None else "-"
         lines.append(f"{labels[name]:10} {r['bytes_per_token_layer'] / 1e3:12.2f} {r['reduction']:9.3f} "
@@ -150,5 +216,11 @@ def format_report(res: dict) -> str:
         f"candidates would reach {res['rows']['hindsight']['reduction']:.3f}",
         f"if moving a token were free (combine rows = dispatch rows): shuffle {fr['shuffle']:.3f}, "
         f"grp+shuf {fr['ours']:.3f}, oracle {fr['oracle']:.3f}",
+        f"shuffle predictor: last {res['shuffle']['history']} layers of routing"
+        + (", previous token's next-layer routing (decode)" if res["shuffle"]["temporal"] else "")
+        + (" (chosen by cross-validation inside the profile)" if res["shuffle"]["cv_bytes"] else ""),
     ]
+    if "replicas" in res["rows"]:
+        lines.append("+replicas spends extra expert memory (EPLB-style copies of hot experts) that the "
+                     "baseline does not: a separate comparison, not the headline")
     return "\n".join(lines)

@@ -13,7 +13,12 @@ choose, layer by layer, which rank holds which expert to maximise
 (the co-clustering objective of Sem-MoE, in the pairwise form), with every rank holding
 the same number of experts per layer (its memory) and at most `load_cap` times the mean
 activation load per layer (where no layout meets the cap, the search first minimises the
-heaviest rank; replicas, `ExpertPlacement.with_replicas`, are then the remedy).
+heaviest rank; replicas, `ExpertPlacement.with_replicas`, are then the remedy). With
+`load_folds` > 1 the cap must also hold on each of that many consecutive parts of the
+profile: expert popularity drifts from one context to the next, and a layout balanced on
+the pooled counts alone can pair two experts that are hot together in one part. On small
+profiles a part's own sampling noise already exceeds the cap, and the search then spends
+its freedom on balance instead of locality, so the default is the whole profile only.
 Intra-layer co-location shrinks the set of ranks a token is sent to; inter-layer
 co-location lets a token shuffled to one of its layer-l ranks find a layer-(l+1) expert
 there.
@@ -30,7 +35,8 @@ import torch
 
 from moe.comms.placement import ExpertPlacement
 
-__all__ = ["GroupingConfig", "AffinityStats", "affinity_stats", "fit_grouped_placement", "grouping_score"]
+__all__ = ["GroupingConfig", "AffinityStats", "affinity_stats", "load_shares", "fit_grouped_placement",
+           "grouping_score"]
 
 
 @dataclass(kw_only=True)
@@ -39,6 +45,8 @@ class GroupingConfig:
     intra_weight, inter_weight: weights of co-activation and inter-layer affinity.
     restarts: random starting layouts besides the contiguous one. seed: their seed.
     max_sweeps: passes over all layers of the swap search.
+    load_folds: consecutive parts of the profile (token order) on which the cap must hold
+    too, besides the whole; 1 = the whole profile only.
     """
 
     load_cap: float = 1.2
@@ -47,6 +55,7 @@ class GroupingConfig:
     restarts: int = 4
     seed: int = 0
     max_sweeps: int = 20
+    load_folds: int = 1
 
     def __post_init__(self) -> None:
         if not self.load_cap >= 1.0:
@@ -55,6 +64,8 @@ class GroupingConfig:
             raise ValueError("intra_weight and inter_weight must be >= 0")
         if self.restarts < 0 or self.max_sweeps < 1:
             raise ValueError("restarts must be >= 0 and max_sweeps >= 1")
+        if self.load_folds < 1:
+            raise ValueError(f"load_folds must be >= 1 (1 = the whole profile only), got {self.load_folds}")
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,14 @@ def _rank_affinity(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: 
 
 
 def _improve_layer(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: GroupingConfig,
-                   R: int, cap: float) -> bool:
-    """Apply best-improving feasible swaps in layer l until none is left; True if any."""
+                   R: int, share_VE: torch.Tensor) -> bool:
+    """Apply best-improving feasible swaps in layer l until none is left; True if any.
+
+    share_VE: per view V (whole profile, its folds) each expert's load over the cap of one
+    rank, so a rank is within the cap in a view where its summed share is <= 1.
+    """
     changed = False
-    load_E = stats.load_LE[l]
-    E = load_E.shape[0]
+    E = share_VE.shape[1]
     for _ in range(E * E):
         p_E = rank_LE[l]
         S_ER = _rank_affinity(l, rank_LE, stats, config, R)
@@ -120,18 +134,16 @@ def _improve_layer(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: 
         cross_EE = S_ER[:, p_E]  # S[a, p_b]
         gain_EE = cross_EE + cross_EE.T - own_E[:, None] - own_E[None, :] \
             - 2 * config.intra_weight * stats.co_LEE[l]
-        rank_load_R = torch.zeros(R, dtype=torch.float64).index_add_(0, p_E, load_E)
-        new_a_EE = rank_load_R[p_E][:, None] - load_E[:, None] + load_E[None, :]  # load of a's rank
-        new_b_EE = new_a_EE.T  # load of b's rank after the swap, by symmetry of the formula
-        worst_EE = torch.maximum(new_a_EE, new_b_EE)
-        old_EE = torch.maximum(rank_load_R[p_E][:, None], rank_load_R[p_E][None, :])
-        over = bool((rank_load_R > cap + 1e-9).any())
-        if over:  # repair first: take the swap that lowers the heaviest rank most
-            ok_EE = (p_E[:, None] != p_E[None, :]) & (worst_EE < old_EE - 1e-9) \
-                & (torch.maximum(rank_load_R[p_E][:, None], rank_load_R[p_E][None, :]) >= rank_load_R.max() - 1e-9)
+        rank_VR = torch.zeros(share_VE.shape[0], R, dtype=torch.float64).index_add_(1, p_E, share_VE)
+        at_VE = rank_VR[:, p_E]  # share of the rank each expert sits on
+        new_a_VEE = at_VE[:, :, None] - share_VE[:, :, None] + share_VE[:, None, :]  # a's rank after the swap
+        worst_EE = torch.maximum(new_a_VEE, new_a_VEE.transpose(1, 2)).amax(0)  # b's rank: by symmetry
+        old_EE = torch.maximum(at_VE[:, :, None], at_VE[:, None, :]).amax(0)
+        if bool((rank_VR > 1 + 1e-9).any()):  # repair first: take the swap that lowers the heaviest rank most
+            ok_EE = (p_E[:, None] != p_E[None, :]) & (worst_EE < old_EE - 1e-9) & (old_EE >= rank_VR.max() - 1e-9)
             score_EE = torch.where(ok_EE, old_EE - worst_EE, -1.0)
         else:
-            ok_EE = (p_E[:, None] != p_E[None, :]) & (worst_EE <= cap + 1e-9)
+            ok_EE = (p_E[:, None] != p_E[None, :]) & (worst_EE <= 1 + 1e-9)
             score_EE = torch.where(ok_EE, gain_EE, -1.0)
         best = int(score_EE.argmax())
         a, b = divmod(best, E)
@@ -140,6 +152,25 @@ def _improve_layer(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: 
         rank_LE[l, a], rank_LE[l, b] = int(p_E[b]), int(p_E[a])
         changed = True
     return changed
+
+
+def load_shares(expert_ids_TLK: torch.Tensor, num_experts: int, world_size: int,
+                config: GroupingConfig) -> torch.Tensor:
+    """float64 [L, V, E]: each expert's load over one rank's cap, in the views the cap holds on.
+
+    Views: the whole profile, then its `load_folds` consecutive parts (empty parts dropped).
+    """
+    T = expert_ids_TLK.shape[0]
+    bounds = [round(T * i / config.load_folds) for i in range(config.load_folds + 1)]
+    parts = [expert_ids_TLK]
+    if config.load_folds > 1:
+        parts += [expert_ids_TLK[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    views = []
+    for part in parts:
+        load_LE = affinity_stats(part, num_experts).load_LE
+        cap_L1 = (config.load_cap * load_LE.sum(1, keepdim=True) / world_size).clamp(min=1e-12)
+        views.append(load_LE / cap_L1)
+    return torch.stack(views, 1)
 
 
 def fit_grouped_placement(expert_ids_TLK: torch.Tensor, num_experts: int, world_size: int,
@@ -151,7 +182,7 @@ def fit_grouped_placement(expert_ids_TLK: torch.Tensor, num_experts: int, world_
         raise ValueError(f"{R} ranks cannot each hold one of only {E} experts")
     stats = affinity_stats(expert_ids_TLK, E)
     L = stats.load_LE.shape[0]
-    cap_L = config.load_cap * stats.load_LE.sum(1) / R
+    share_LVE = load_shares(expert_ids_TLK, E, R, config)
     base_LE = ExpertPlacement.contiguous(L, E, R).holds_LER.long().argmax(2)
     g = torch.Generator().manual_seed(config.seed)
     starts = [base_LE] + [torch.stack([base_LE[l][torch.randperm(E, generator=g)] for l in range(L)])
@@ -160,11 +191,12 @@ def fit_grouped_placement(expert_ids_TLK: torch.Tensor, num_experts: int, world_
     for rank_LE in starts:
         rank_LE = rank_LE.clone()
         for _ in range(config.max_sweeps):
-            if not any([_improve_layer(l, rank_LE, stats, config, R, float(cap_L[l])) for l in range(L)]):
+            if not any([_improve_layer(l, rank_LE, stats, config, R, share_LVE[l]) for l in range(L)]):
                 break
         # Feasibility first (where no layout meets the cap, the least overloaded), then score.
-        load_LR = torch.zeros(L, R, dtype=torch.float64).scatter_add_(1, rank_LE, stats.load_LE)
-        excess = float((load_LR.max(1).values - cap_L).clamp(min=0).sum())
+        rank_LVR = torch.zeros(L, share_LVE.shape[1], R, dtype=torch.float64).scatter_add_(
+            2, rank_LE[:, None, :].expand_as(share_LVE), share_LVE)
+        excess = float((rank_LVR.amax((1, 2)) - 1).clamp(min=0).sum())
         score = (-round(excess, 6), grouping_score(rank_LE, stats, config))
         if best is None or score > best_score:
             best, best_score = rank_LE, score

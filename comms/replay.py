@@ -34,7 +34,7 @@ from dataclasses import dataclass, asdict
 import torch
 
 from moe.comms.placement import ExpertPlacement
-from moe.comms.shuffle import TransitionShuffler
+from moe.comms.shuffle import TransitionShuffler, previous_experts, previous_token
 
 __all__ = ["ReplayConfig", "ReplayResult", "replay", "home_ranks"]
 
@@ -86,7 +86,9 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
            shuffle: TransitionShuffler | str | None = None, config: ReplayConfig | None = None) -> ReplayResult:
     """Replay a routing trace under `placement`.
 
-    shuffle: None (tokens stay home), a fitted TransitionShuffler, or "oracle".
+    shuffle: None (tokens stay home), a fitted TransitionShuffler, or "oracle". The
+    shuffler sees a token's routing at layers <= l and, for its temporal feature, the
+    previous token's routing at l+1 (decode: that token finished a step earlier).
     """
     config = config or ReplayConfig()
     T, L, K = expert_ids_TLK.shape
@@ -100,6 +102,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
     home_T = home_ranks(seq_starts, T, R, config.home)
     token_T = torch.arange(T)
     loc_T = home_T
+    prev_T = previous_token(seq_starts, T)
     dispatch = combine = local = 0
     remote_activations = 0
     imb_L = torch.zeros(L, dtype=torch.float64)
@@ -127,7 +130,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
             next_T = placement.primary_rank(l + 1, ids_TLK[:, l + 1, 0])
         else:
             history_THK = ids_TLK[:, max(0, l - shuffle.config.history + 1): l + 1].flip(1)
-            next_T = shuffle.choose(l, history_THK, cand_TR, loc_T)
+            next_T = shuffle.choose(l, history_THK, cand_TR, loc_T, previous_experts(ids_TLK, prev_T, l + 1))
         combine += int(cand_TR.sum()) - int(cand_TR[token_T, next_T].sum())
         loc_T = next_T
     rows = dispatch + combine

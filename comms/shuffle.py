@@ -13,6 +13,12 @@ The choice: the candidate r with the highest estimated P(r serves the token at l
 learned from a profiling trace under the same placement, from the token's routing in
 the last `history` layers: its expert pair at layer l and its single experts at layers
 l-1, l-2, ..., combined naive-Bayes style (sum of smoothed log-odds ratios).
+
+Optional temporal feature (`temporal=True`): the experts the previous token of the same
+sequence used at layer l+1. In decode that token finished all its layers one step
+earlier, so its routing is known when this token reaches layer l; consecutive tokens
+share experts more often than chance. It is NOT available in prefill, where the tokens
+of a prompt run through the layers together: turn it on only for decode traffic.
 """
 from __future__ import annotations
 
@@ -22,21 +28,25 @@ import torch
 
 from moe.comms.placement import ExpertPlacement
 
-__all__ = ["ShuffleConfig", "TransitionShuffler"]
+__all__ = ["ShuffleConfig", "TransitionShuffler", "previous_token"]
 
 
 @dataclass(kw_only=True)
 class ShuffleConfig:
     """history: earlier layers whose experts inform the guess (1 = layer l only).
     prior: pseudo-counts of the backoff estimate added to each conditional.
+    temporal: also use the previous token's layer-(l+1) experts (decode only, see above).
     """
 
     history: int = 3
     prior: float = 2.0
+    temporal: bool = False
 
     def __post_init__(self) -> None:
         if self.history < 1:
             raise ValueError(f"history must be >= 1 layer, got {self.history}")
+        if not isinstance(self.temporal, bool):
+            raise ValueError(f"temporal must be a bool, got {self.temporal!r}")
         if self.prior <= 0:
             raise ValueError(f"prior must be > 0 pseudo-counts, got {self.prior}")
 
@@ -46,6 +56,20 @@ _EPS = 1e-3  # keeps smoothed probabilities off 0 and 1 before the logit
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
+
+
+def previous_token(seq_starts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """int64 [T]: index of the previous token of the same sequence, -1 for a first token."""
+    prev_T = torch.arange(num_tokens) - 1
+    firsts = seq_starts[:-1][seq_starts[:-1] < seq_starts[1:]]
+    prev_T[firsts.long()] = -1
+    return prev_T
+
+
+def previous_experts(ids_TLK: torch.Tensor, prev_T: torch.Tensor, layer: int) -> torch.Tensor:
+    """int64 [T, K]: the previous token's experts at `layer`, -1 rows for first tokens."""
+    out_TK = ids_TLK[prev_T.clamp(min=0), layer].long()
+    return torch.where(prev_T[:, None] >= 0, out_TK, -1)
 
 
 def _served_ranks(placement: ExpertPlacement, layer: int, ids_TK: torch.Tensor) -> torch.Tensor:
@@ -59,10 +83,12 @@ class TransitionShuffler:
     Fitted counts (profile trace, the same placement as at run time):
       single_LHER[l, h, e, r]: tokens with expert e at layer l-h that used rank r at l+1.
       pair_LPR[l, pair, r]:    same for the unordered expert set at layer l (K = 2 only).
+      prev_LER[l, e, r]:       tokens whose previous token used e at l+1 and that used r at
+                               l+1 (temporal only; seq_starts [S+1] gives the sequences).
     """
 
     def __init__(self, placement: ExpertPlacement, expert_ids_TLK: torch.Tensor,
-                 config: ShuffleConfig | None = None) -> None:
+                 config: ShuffleConfig | None = None, seq_starts: torch.Tensor | None = None) -> None:
         self.config = config or ShuffleConfig()
         self.placement = placement
         T, L, K = expert_ids_TLK.shape
@@ -87,18 +113,32 @@ class TransitionShuffler:
                 self.pair_LPR[l].index_add_(0, self.pair_code_TL[:, l], served_TLR[:, l + 1])
                 self.pair_n_LP[l] += torch.bincount(self.pair_code_TL[:, l], minlength=P).double()
         self.base_LR = served_TLR.mean(0)  # marginal, for layers or experts never seen
+        self.prev_LER = torch.zeros(L, E, R, dtype=torch.float64)
+        self.prev_n_LE = torch.zeros(L, E, dtype=torch.float64)
+        if self.config.temporal:
+            starts = seq_starts if seq_starts is not None else torch.tensor([0, T])
+            prev_T = previous_token(starts, T)
+            has_T = prev_T >= 0
+            prev_hot_TLE = hot_TLE[prev_T.clamp(min=0)] * has_T[:, None, None]
+            for l in range(L - 1):
+                self.prev_LER[l] = prev_hot_TLE[:, l + 1].T @ served_TLR[:, l + 1]
+                self.prev_n_LE[l] = prev_hot_TLE[:, l + 1].sum(0)
 
     def _pair_code(self, ids_TLK: torch.Tensor) -> torch.Tensor:
         lo, hi = ids_TLK.min(2).values, ids_TLK.max(2).values
         return lo * self.placement.num_experts + hi
 
-    def scores(self, layer: int, history_THK: torch.Tensor) -> torch.Tensor:
+    def scores(self, layer: int, history_THK: torch.Tensor,
+               prev_next_TK: torch.Tensor | None = None) -> torch.Tensor:
         """float64 [T, R]: log-odds that rank r serves the token at layer+1.
 
         history_THK: the token's experts at layers layer, layer-1, ... (H' <= history rows).
+        prev_next_TK: the previous token's experts at layer+1 (-1 rows: no previous token);
+        used only when the config is temporal.
         Naive Bayes over features: the expert set at `layer` (pair table, K = 2) or its
-        single experts, and the single experts of earlier layers; each conditional is
-        smoothed towards the marginal with `prior` pseudo-counts.
+        single experts, the single experts of earlier layers, and (temporal) those of the
+        previous token at layer+1; each conditional is smoothed towards the marginal with
+        `prior` pseudo-counts.
         """
         a = self.config.prior
         base_R = self.base_LR[min(layer + 1, self.base_LR.shape[0] - 1)].clamp(_EPS, 1 - _EPS)
@@ -116,11 +156,17 @@ class TransitionShuffler:
             for cnt_TR, n_T1 in terms:
                 p_TR = ((cnt_TR + a * base_R) / (n_T1 + a)).clamp(_EPS, 1 - _EPS)
                 s_TR += _logit(p_TR) - base_logit_R
+        if self.config.temporal and prev_next_TK is not None and layer + 1 < self.base_LR.shape[0]:
+            for k in range(prev_next_TK.shape[1]):
+                e_T = prev_next_TK[:, k].long()
+                cnt_TR, n_T1 = self.prev_LER[layer][e_T.clamp(min=0)], self.prev_n_LE[layer][e_T.clamp(min=0)][:, None]
+                p_TR = ((cnt_TR + a * base_R) / (n_T1 + a)).clamp(_EPS, 1 - _EPS)
+                s_TR += torch.where(e_T[:, None] >= 0, _logit(p_TR) - base_logit_R, 0.0)
         return s_TR
 
     def choose(self, layer: int, history_THK: torch.Tensor, candidates_TR: torch.Tensor,
-               loc_T: torch.Tensor) -> torch.Tensor:
+               loc_T: torch.Tensor, prev_next_TK: torch.Tensor | None = None) -> torch.Tensor:
         """int64 [T]: the candidate rank with the best score (ties: stay on loc_T)."""
-        s_TR = self.scores(layer, history_THK)
+        s_TR = self.scores(layer, history_THK, prev_next_TK)
         s_TR[torch.arange(len(loc_T)), loc_T] += 1e-9  # stay put on ties
         return torch.where(candidates_TR, s_TR, float("-inf")).argmax(1)

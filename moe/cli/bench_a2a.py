@@ -11,7 +11,8 @@ Replays --trace under the expert grouping and shuffle predictor fitted on --prof
 prints, for the contiguous baseline, grouping, shuffling, both, and perfect speculation:
 all-to-all bytes per token and layer, local activation rate, per-rank load imbalance
 (max/mean per layer) and the share of shuffle guesses that were right. The last line is
-one JSON object with baseline_bytes, bytes, lar_baseline, lar, imbalance.
+one JSON object with baseline_bytes, bytes, lar_baseline, lar, imbalance (headline: the
+fitted grouping with shuffling, no replicas; bytes count the move of a token's residual).
 Traces are moe-trace/1 safetensors files (`moe trace import` converts vLLM JSON lines).
 """
 
@@ -27,12 +28,29 @@ def register(sub) -> None:
                    help="data-parallel owner of a token: tokens dealt round-robin, or whole sequences (default: token)")
     p.add_argument("--load-cap", type=float, default=1.2, metavar="X",
                    help="max per-rank load over the mean, per layer, on the profile (default: 1.2)")
-    p.add_argument("--history", type=int, default=3, metavar="H",
-                   help="layers of a token's routing the shuffle predictor looks at (default: 3)")
+    p.add_argument("--load-folds", type=int, default=1, metavar="N",
+                   help="the load cap must also hold on N consecutive parts of the profile (default: 1)")
+    p.add_argument("--history", type=_history, default="auto", metavar="H",
+                   help="layers of a token's routing the shuffle predictor looks at, or 'auto': chosen by "
+                        "cross-validation inside the profile (default: auto)")
+    p.add_argument("--decode", action="store_true",
+                   help="tokens are decode tokens: the cross-validation may use the previous token's routing "
+                        "(known in decode, not in prefill)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="extra expert slots per rank of the separate replicas row; 0 drops the row (default: 1)")
     p.add_argument("--save-placement", metavar="FILE.json", default=None,
                    help="write the fitted placement (for `moe launch --placement`)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=run)
+
+
+def _history(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"history must be 'auto' or a number of layers, got {text!r}") from None
 
 
 def run(args) -> int:
@@ -46,8 +64,11 @@ def run(args) -> int:
     config = A2ABenchConfig(
         ranks=args.ranks,
         replay=ReplayConfig(hidden_size=args.hidden_size, home=args.home),
-        grouping=GroupingConfig(load_cap=args.load_cap),
-        shuffle=ShuffleConfig(history=args.history),
+        grouping=GroupingConfig(load_cap=args.load_cap, load_folds=args.load_folds),
+        shuffle=ShuffleConfig() if args.history == "auto" else ShuffleConfig(history=args.history),
+        histories=A2ABenchConfig.histories if args.history == "auto" else (),
+        allow_temporal=args.decode,
+        replicas=args.replicas,
     )
     res = run_a2a_bench(load_trace(args.profile), load_trace(args.trace), config)
     if args.save_placement:

@@ -1,0 +1,146 @@
+"""Temporal shuffle feature, in-profile selection of the shuffle, fold-robust load caps, replicas row."""
+import pytest
+import torch
+
+from moe.comms.a2a_bench import A2ABenchConfig, _halves, run_a2a_bench, select_shuffle
+from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement, load_shares
+from moe.comms.placement import ExpertPlacement
+from moe.comms.replay import ReplayConfig, replay
+from moe.comms.shuffle import ShuffleConfig, TransitionShuffler, previous_experts, previous_token
+from moe.router_predictor.trace import RoutingTrace
+
+# (seq_starts, expected previous token of every token)
+PREV_CASES = [
+    ([0, 3], [-1, 0, 1]),
+    ([0, 1, 1, 4], [-1, -1, 1, 2]),  # an empty sequence in the middle
+    ([0, 2, 5], [-1, 0, -1, 2, 3]),
+    ([0], []),
+]
+
+
+def _random_ids(T, L, E, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T * L)]).reshape(T, L, K).short()
+
+
+def _temporal_ids(T, L, seed=0):
+    """8 experts, top-2, one sequence; a token repeats its predecessor's pair at every layer with
+    probability 0.9, else draws a fresh random pair, so only the previous token predicts it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = _random_ids(T, L, 8, 2, seed=seed + 100).long()
+    for t in range(1, T):
+        keep = torch.rand(L, generator=g) < 0.9
+        ids[t, keep] = ids[t - 1, keep]
+    return ids.short()
+
+
+@pytest.mark.parametrize("starts,expected", PREV_CASES)
+def test_previous_token_is_exact(starts, expected):
+    """previous_token gives t-1 inside a sequence and -1 for every first token."""
+    s = torch.tensor(starts)
+    assert previous_token(s, int(s[-1])).tolist() == expected
+
+
+def test_previous_experts_masks_first_tokens():
+    """A first token's previous-expert row is all -1; others copy the previous token's layer."""
+    ids = _random_ids(5, 3, 8, 2).long()
+    prev = previous_token(torch.tensor([0, 2, 5]), 5)
+    got = previous_experts(ids, prev, 2)
+    assert got[0].tolist() == [-1, -1] and got[2].tolist() == [-1, -1]
+    assert torch.equal(got[[1, 3, 4]], ids[[0, 2, 3], 2])
+
+
+def test_temporal_feature_learns_repeated_routing():
+    """On a trace where tokens repeat their predecessor's routing, the temporal shuffle guesses far better."""
+    prof, meas = _temporal_ids(300, 4, seed=0), _temporal_ids(200, 4, seed=1)
+    pl = ExpertPlacement.contiguous(4, 8, 4)
+    starts_p, starts_m = torch.tensor([0, 300]), torch.tensor([0, 200])
+    plain = replay(meas, starts_m, pl, TransitionShuffler(pl, prof, ShuffleConfig(history=2), starts_p))
+    temporal = replay(meas, starts_m, pl,
+                      TransitionShuffler(pl, prof, ShuffleConfig(history=2, temporal=True), starts_p))
+    assert temporal.spec_hit > plain.spec_hit + 0.1
+    assert temporal.bytes < plain.bytes
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_temporal_shuffle_moves_only_to_free_candidates(temporal):
+    """With or without the temporal feature the chosen rank is a free candidate of the combine."""
+    ids = _random_ids(50, 4, 8, 2, seed=1).long()
+    pl = ExpertPlacement.contiguous(4, 8, 4)
+    sh = TransitionShuffler(pl, _random_ids(80, 4, 8, 2, seed=2), ShuffleConfig(temporal=temporal),
+                            torch.tensor([0, 40, 80]))
+    loc, prev = torch.arange(50) % 4, previous_token(torch.tensor([0, 25, 50]), 50)
+    for l in range(3):
+        cand = pl.holds_LER[l][ids[:, l]].any(1)
+        cand[torch.arange(50), loc] = True
+        nxt = sh.choose(l, ids[:, : l + 1].flip(1), cand, loc, previous_experts(ids, prev, l + 1))
+        assert bool(cand[torch.arange(50), nxt].all())
+        loc = nxt
+
+
+def test_configs_reject_bad_values():
+    """Invalid temporal, load_folds, histories and replicas settings raise naming the field."""
+    with pytest.raises(ValueError, match="temporal"):
+        ShuffleConfig(temporal="yes")
+    with pytest.raises(ValueError, match="load_folds"):
+        GroupingConfig(load_folds=0)
+    with pytest.raises(ValueError, match="histories"):
+        A2ABenchConfig(histories=(2, 0))
+    with pytest.raises(ValueError, match="replicas"):
+        A2ABenchConfig(replicas=-1)
+
+
+def test_load_shares_are_exact():
+    """Shares are each expert's count over one rank's cap, for the whole profile and each fold."""
+    ids = torch.tensor([[[0, 1]], [[0, 2]], [[1, 3]], [[0, 1]]], dtype=torch.int16)  # 4 tokens, 1 layer
+    cfg = GroupingConfig(load_cap=1.0, load_folds=2)
+    sh = load_shares(ids, 4, 2, cfg)  # [L=1, V=3, E=4]; cap of a rank = total / 2 = 4, then 2, 2
+    expected = torch.tensor([[3, 3, 1, 1], [2, 1, 1, 0], [1, 2, 0, 1]], dtype=torch.float64)
+    assert torch.equal(sh[0] * torch.tensor([[4.0], [2.0], [2.0]]), expected)
+    assert load_shares(ids, 4, 2, GroupingConfig(load_folds=1)).shape == (1, 1, 4)
+    assert load_shares(ids[:1], 4, 2, GroupingConfig(load_folds=3)).shape == (1, 2, 4)  # empty folds dropped
+
+
+def test_fold_robust_cap_holds_on_each_fold():
+    """With load_folds=2 the fitted layout meets the cap on the whole profile and on both halves."""
+    ids = _random_ids(400, 2, 8, 2, seed=4)
+    cfg = GroupingConfig(load_cap=1.3, load_folds=2)
+    pl = fit_grouped_placement(ids, 8, 4, cfg)
+    for part in (ids, ids[:200], ids[200:]):
+        load_LE = affinity_stats(part, 8).load_LE
+        load_LR = (pl.holds_LER.double() * load_LE[:, :, None]).sum(1)
+        assert bool((load_LR.max(1).values <= cfg.load_cap * load_LR.mean(1) + 1e-9).all())
+
+
+def test_halves_split_sequences_exactly():
+    """The two halves partition the tokens in order and keep sequence boundaries."""
+    ids = _random_ids(7, 1, 8, 2)
+    (a, sa), (b, sb) = _halves(ids, torch.tensor([0, 2, 5, 7]))
+    assert torch.equal(torch.cat([a, b]), ids)
+    assert sa.tolist() == [0, 2, 3] and sb.tolist() == [0, 2, 4]
+
+
+def test_select_shuffle_reports_cross_validated_bytes():
+    """The chosen setting has the fewest held-out bytes, each equal to a by-hand two-way replay."""
+    ids = _random_ids(60, 4, 8, 2, seed=6).long()
+    starts = torch.tensor([0, 30, 60])
+    pl = ExpertPlacement.contiguous(4, 8, 4)
+    cfg = A2ABenchConfig(histories=(1, 3), replay=ReplayConfig(hidden_size=8))
+    chosen, tried = select_shuffle(pl, ids, starts, cfg)
+    assert tried[f"history={chosen.history} temporal=False"] == min(tried.values())
+    (a, sa), (b, sb) = _halves(ids, starts)
+    sc = ShuffleConfig(history=3)
+    by_hand = replay(b, sb, pl, TransitionShuffler(pl, a, sc, sa), cfg.replay).bytes \
+        + replay(a, sa, pl, TransitionShuffler(pl, b, sc, sb), cfg.replay).bytes
+    assert tried["history=3 temporal=False"] == by_hand
+
+
+def test_replicas_row_is_apart_from_the_headline():
+    """The replicas row is reported apart; the headline bytes stay those of grouping + shuffling."""
+    def trace(seed):
+        return RoutingTrace(expert_ids=_random_ids(40, 3, 8, 2, seed=seed), seq_starts=torch.tensor([0, 40]),
+                            num_experts=8, top_k=2)
+    res = run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, histories=(1, 2), replicas=1))
+    assert res["summary"]["bytes"] == res["rows"]["ours"]["bytes"]
+    assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
+    assert "replicas" not in run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, replicas=0))["rows"]
