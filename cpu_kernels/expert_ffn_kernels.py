@@ -13,9 +13,10 @@ Work split: ``prange`` over ``nch`` contiguous row ranges, one per thread, chose
 caller (numba.get_num_threads() inside a kernel would make it uncacheable).
 
 T == 1 (decode) is a GEMV, memory-bound: rows are decoded and dotted in one pass, four
-rows at a time. Four concurrent streams keep more loads in flight than one and were
-measured at about 1.4x the DRAM rate of a row-at-a-time loop here (2-core Xeon VM);
-x_K is loaded once for the four.
+rows at a time (fp32 here; bf16 and int8 in gemv.py, with software prefetch). Four
+concurrent streams keep more loads in flight than one and were measured at about 1.4x
+the DRAM rate of a row-at-a-time loop here (2-core Xeon VM); x_K is loaded once for
+the four.
 
 T > 1 decodes a block of B rows into a small fp32 scratch, then dots it against all T
 tokens with the register tile of tiles.dot_block, so each weight byte still leaves DRAM
@@ -31,22 +32,16 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from .gemv import gemv_bf16, gemv_int8
 from .numba_util import njit_kernel
 from .tiles import KC as _KC
 from .tiles import ROW_BLOCK as _RB
 from .tiles import bf16_to_f32 as _bf16_to_f32
 from .tiles import dot_block as _dot_block
-from .tiles import prefetch as _prefetch
-from .tiles import wide_vectors as _wide_vectors
 from .tiles import store_block as _store_block
 from .tiles import tile_chunk as _tile_chunk
 
 __all__ = ["matmul_f32", "matmul_bf16", "matmul_int8", "rows_f32", "rows_bf16", "rows_int8"]
-
-# T == 1 bf16 / int8: columns per step of the row loop (one 64-byte line of int8, two of
-# bf16) and how far ahead, in bytes, each row stream is prefetched.
-_BK = 64
-_PF_BYTES = 512
 
 
 @njit_kernel(parallel=False)
@@ -80,98 +75,6 @@ def _gemv_f32(x_K, w_RK, out_R, r_lo, r_hi):
 
 
 @njit_kernel(parallel=False)
-def _gemv_bf16(x_K, w_RK, out_R, r_lo, r_hi):
-    """out_R[r] = widen(w_RK[r]) . x_K for r in r_lo:r_hi; four rows per pass.
-
-    Rows are walked in steps of _BK columns, each row stream prefetched _PF_BYTES ahead
-    (see tiles.prefetch), with 512-bit vectors where available (fewer instructions per
-    line, so the core keeps more loads in flight).
-    """
-    _wide_vectors()
-    K = x_K.shape[0]
-    nb = K // _BK
-    pf = _PF_BYTES // 2
-    r = r_lo
-    while r + 4 <= r_hi:
-        w0 = w_RK[r]
-        w1 = w_RK[r + 1]
-        w2 = w_RK[r + 2]
-        w3 = w_RK[r + 3]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for b in range(nb):
-            k0 = b * _BK
-            kp = min(k0 + pf, K - 1)
-            _prefetch(w0, kp)
-            _prefetch(w1, kp)
-            _prefetch(w2, kp)
-            _prefetch(w3, kp)
-            kq = min(k0 + pf + 32, K - 1)
-            _prefetch(w0, kq)
-            _prefetch(w1, kq)
-            _prefetch(w2, kq)
-            _prefetch(w3, kq)
-            x_B = x_K[k0:k0 + _BK]
-            v0 = w0[k0:k0 + _BK]
-            v1 = w1[k0:k0 + _BK]
-            v2 = w2[k0:k0 + _BK]
-            v3 = w3[k0:k0 + _BK]
-            for k in range(_BK):
-                v = x_B[k]
-                a0 += _bf16_to_f32(v0[k]) * v
-                a1 += _bf16_to_f32(v1[k]) * v
-                a2 += _bf16_to_f32(v2[k]) * v
-                a3 += _bf16_to_f32(v3[k]) * v
-        for k in range(nb * _BK, K):
-            v = x_K[k]
-            a0 += _bf16_to_f32(w0[k]) * v
-            a1 += _bf16_to_f32(w1[k]) * v
-            a2 += _bf16_to_f32(w2[k]) * v
-            a3 += _bf16_to_f32(w3[k]) * v
-        out_R[r] = a0
-        out_R[r + 1] = a1
-        out_R[r + 2] = a2
-        out_R[r + 3] = a3
-        r += 4
-    for r in range(r, r_hi):
-        w0 = w_RK[r]
-        a0 = np.float32(0.0)
-        for k in range(K):
-            a0 += _bf16_to_f32(w0[k]) * x_K[k]
-        out_R[r] = a0
-
-
-@njit_kernel(parallel=False)
-def _gemv_int8(x_K, q_RK, scale_R, out_R, r_lo, r_hi):
-    """out_R[r] = scale_R[r] * (q_RK[r] . x_K) for r in r_lo:r_hi; four rows per pass."""
-    K = x_K.shape[0]
-    r = r_lo
-    while r + 4 <= r_hi:
-        q0 = q_RK[r]
-        q1 = q_RK[r + 1]
-        q2 = q_RK[r + 2]
-        q3 = q_RK[r + 3]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for k in range(K):
-            v = x_K[k]
-            a0 += np.float32(q0[k]) * v
-            a1 += np.float32(q1[k]) * v
-            a2 += np.float32(q2[k]) * v
-            a3 += np.float32(q3[k]) * v
-        # The row scale factors out of the dot product: one multiply per row.
-        out_R[r] = a0 * scale_R[r]
-        out_R[r + 1] = a1 * scale_R[r + 1]
-        out_R[r + 2] = a2 * scale_R[r + 2]
-        out_R[r + 3] = a3 * scale_R[r + 3]
-        r += 4
-    for r in range(r, r_hi):
-        q0 = q_RK[r]
-        a0 = np.float32(0.0)
-        for k in range(K):
-            a0 += np.float32(q0[k]) * x_K[k]
-        out_R[r] = a0 * scale_R[r]
-
-
-@njit_kernel(parallel=False)
 def _rows_f32(x_TK, w_RK, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ w_RK.T (float32 weights)."""
     T, K = x_TK.shape
@@ -194,7 +97,7 @@ def _rows_bf16(x_TK, w_RK, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ w_RK.T (bf16 weights as uint16)."""
     T, K = x_TK.shape
     if T == 1:
-        _gemv_bf16(x_TK[0], w_RK, out_TR[0], r_lo, r_hi)
+        gemv_bf16(x_TK[0], w_RK, out_TR[0], r_lo, r_hi, 0, K)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
         s_BC = np.zeros((_RB, _KC), np.float32)
@@ -217,7 +120,7 @@ def _rows_int8(x_TK, q_RK, scale_R, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ (q_RK * scale_R[:, None]).T."""
     T, K = x_TK.shape
     if T == 1:
-        _gemv_int8(x_TK[0], q_RK, scale_R, out_TR[0], r_lo, r_hi)
+        gemv_int8(x_TK[0], q_RK, scale_R, out_TR[0], r_lo, r_hi, 0, K)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
         s_BC = np.zeros((_RB, _KC), np.float32)
