@@ -24,7 +24,7 @@ rows), the same table under that accounting.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,8 @@ class A2ABenchConfig:
     histories: history lengths the in-profile cross-validation chooses from (empty: use
     shuffle.history as given). allow_temporal: the cross-validation may also turn on the
     shuffle's temporal feature (decode traffic only); shuffle.temporal forces it on.
+    kernel_temperatures, kernel_decays: the trajectory-kernel grid the cross-validation
+    tries besides no kernel (empty temperatures: the shuffle config's kernel as given).
     replicas: extra expert slots per rank of the separate replicas row (0: no such row).
     """
 
@@ -51,6 +53,8 @@ class A2ABenchConfig:
     shuffle: ShuffleConfig = None  # type: ignore[assignment]
     histories: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     allow_temporal: bool = False
+    kernel_temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    kernel_decays: tuple[float, ...] = (0.7, 0.85, 1.0)
     replicas: int = 1
 
     def __post_init__(self) -> None:
@@ -59,6 +63,12 @@ class A2ABenchConfig:
         self.histories = tuple(self.histories)
         if any(h < 1 for h in self.histories):
             raise ValueError(f"histories must be >= 1 layer each, got {self.histories}")
+        self.kernel_temperatures, self.kernel_decays = tuple(self.kernel_temperatures), tuple(self.kernel_decays)
+        if any(k <= 0 for k in self.kernel_temperatures) or any(not 0 < d <= 1 for d in self.kernel_decays):
+            raise ValueError(f"kernel_temperatures must be > 0 and kernel_decays in (0, 1], got "
+                             f"{self.kernel_temperatures} and {self.kernel_decays}")
+        if self.kernel_temperatures and not self.kernel_decays:
+            raise ValueError("kernel_decays must not be empty when kernel_temperatures are given")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0 extra slots per rank, got {self.replicas}")
         self.replay = self.replay or ReplayConfig()
@@ -92,7 +102,7 @@ def _free_move_rows(ids_TLK, seq_starts, placement, predictor, config: ReplayCon
         if l < L - 1 and predictor == "oracle":
             loc_T = placement.primary_rank(l + 1, ids_TLK[:, l + 1, 0])
         elif l < L - 1 and predictor is not None:
-            history_THK = ids_TLK[:, max(0, l - predictor.config.history + 1): l + 1].flip(1)
+            history_THK = ids_TLK[:, : l + 1].flip(1)
             loc_T = predictor.scores(l, history_THK, previous_experts(ids_TLK, prev_T, l + 1)).argmax(1)
     return rows
 
@@ -107,30 +117,49 @@ def _halves(ids_TLK: torch.Tensor, starts: torch.Tensor):
     return out
 
 
+def _label(cfg: ShuffleConfig) -> str:
+    kernel = f"kernel={cfg.kernel_temperature:g}/{cfg.kernel_decay:g}" if cfg.kernel_temperature else "kernel=off"
+    return f"history={cfg.history} temporal={cfg.temporal} {kernel}"
+
+
 def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: torch.Tensor,
                    config: A2ABenchConfig) -> tuple[ShuffleConfig, dict]:
     """The shuffle setting with the fewest replayed bytes across the two halves of a profile.
 
-    Each half fits a shuffler that replays the other half under `placement`; returns the
-    chosen config and {"history=H temporal=b": bytes} for every setting tried.
+    Each half fits a shuffler that replays the other half under `placement`. Two stages:
+    the naive-Bayes history (and temporal feature, where allowed), then, with those, the
+    trajectory kernel (off, or each temperature x decay). Ties keep the earlier, simpler
+    setting. Returns the chosen config and {label: held-out bytes} for every setting tried.
     """
     base = config.shuffle
-    if not config.histories:
+    if not config.histories and not config.kernel_temperatures:
         return base, {}
-    temporals = (True,) if base.temporal else ((False, True) if config.allow_temporal else (False,))
     parts = _halves(ids_TLK, starts)
-    tried, best = {}, None
-    for temporal in temporals:
-        for h in config.histories:
-            cfg = ShuffleConfig(history=h, prior=base.prior, temporal=temporal)
-            nbytes = 0
-            for (fit_ids, fit_starts), (test_ids, test_starts) in ((parts[0], parts[1]), (parts[1], parts[0])):
-                sh = TransitionShuffler(placement, fit_ids, cfg, fit_starts)
-                nbytes += replay(test_ids, test_starts, placement, sh, config.replay).bytes
-            tried[f"history={h} temporal={temporal}"] = nbytes
-            if best is None or nbytes < best[0]:  # ties keep the earlier, simpler setting
-                best = (nbytes, cfg)
-    return best[1], tried
+    tried: dict[str, int] = {}
+
+    def held_out_bytes(cfg: ShuffleConfig) -> int:
+        nbytes = 0
+        for (fit_ids, fit_starts), (test_ids, test_starts) in ((parts[0], parts[1]), (parts[1], parts[0])):
+            sh = TransitionShuffler(placement, fit_ids, cfg, fit_starts)
+            nbytes += replay(test_ids, test_starts, placement, sh, config.replay).bytes
+        tried[_label(cfg)] = nbytes
+        return nbytes
+
+    def best_of(cfgs: list[ShuffleConfig]) -> ShuffleConfig:
+        scored = [(held_out_bytes(c), i, c) for i, c in enumerate(cfgs)]
+        return min(scored, key=lambda x: x[:2])[2]
+
+    temporals = (True,) if base.temporal else ((False, True) if config.allow_temporal else (False,))
+    bayes = [replace(base, history=h, temporal=t, kernel_temperature=0.0)
+             for t in temporals for h in (config.histories or (base.history,))]
+    chosen = best_of(bayes) if len(bayes) > 1 else bayes[0]
+    if config.kernel_temperatures:
+        kernels = [chosen] + [replace(chosen, kernel_temperature=k, kernel_decay=d)
+                              for k in config.kernel_temperatures for d in config.kernel_decays]
+        if _label(chosen) not in tried:
+            tried[_label(chosen)] = held_out_bytes(chosen)
+        chosen = best_of(kernels)
+    return chosen, tried
 
 
 def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
@@ -171,7 +200,9 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
         "ranks": R, "layers": L, "experts": E, "tokens": trace.num_tokens,
         "profile_tokens": profile.num_tokens, "hidden_size": config.replay.hidden_size,
         "home": config.replay.home, "rows": rows, "free_move_reduction": free_red,
-        "shuffle": {"history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal, "cv_bytes": tried},
+        "shuffle": {"history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal,
+                    "kernel_temperature": shuffle_cfg.kernel_temperature, "kernel_decay": shuffle_cfg.kernel_decay,
+                    "cv_bytes": tried},
         "placement": grouped.to_json(),
         "summary": {
             "baseline_bytes": base_bytes, "bytes": ours["bytes"],
@@ -182,6 +213,8 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             "hindsight_bytes": rows["hindsight"]["bytes"], "spec_hit": ours["spec_hit"],
             "share_of_oracle": (base_bytes - ours["bytes"]) / bound_gain if bound_gain > 0 else None,
             "history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal,
+            "kernel": [shuffle_cfg.kernel_temperature, shuffle_cfg.kernel_decay] if shuffle_cfg.kernel_temperature
+            else None,
             "replicas_reduction": rows["replicas"]["reduction"] if "replicas" in rows else None,
             "replicas_imbalance": rows["replicas"]["imbalance"] if "replicas" in rows else None,
         },
@@ -218,6 +251,8 @@ def format_report(res: dict) -> str:
         f"grp+shuf {fr['ours']:.3f}, oracle {fr['oracle']:.3f}",
         f"shuffle predictor: last {res['shuffle']['history']} layers of routing"
         + (", previous token's next-layer routing (decode)" if res["shuffle"]["temporal"] else "")
+        + (f", trajectory kernel (temperature {res['shuffle']['kernel_temperature']:g}, decay "
+           f"{res['shuffle']['kernel_decay']:g})" if res["shuffle"]["kernel_temperature"] else "")
         + (" (chosen by cross-validation inside the profile)" if res["shuffle"]["cv_bytes"] else ""),
     ]
     if "replicas" in res["rows"]:

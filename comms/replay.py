@@ -129,7 +129,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
                 raise ValueError(f"shuffle must be None, 'oracle' or a TransitionShuffler, got {shuffle!r}")
             next_T = placement.primary_rank(l + 1, ids_TLK[:, l + 1, 0])
         else:
-            history_THK = ids_TLK[:, max(0, l - shuffle.config.history + 1): l + 1].flip(1)
+            history_THK = ids_TLK[:, : l + 1].flip(1)
             next_T = shuffle.choose(l, history_THK, cand_TR, loc_T, previous_experts(ids_TLK, prev_T, l + 1))
         combine += int(cand_TR.sum()) - int(cand_TR[token_T, next_T].sum())
         loc_T = next_T

@@ -14,6 +14,14 @@ learned from a profiling trace under the same placement, from the token's routin
 the last `history` layers: its expert pair at layer l and its single experts at layers
 l-1, l-2, ..., combined naive-Bayes style (sum of smoothed log-odds ratios).
 
+Optional trajectory kernel (`kernel_temperature` > 0): a second estimate of the same
+probability by kernel regression over the profile's tokens, weighting each by how many
+experts it shared with this token at layers l, l-1, ... (layer l-h counted
+`kernel_decay`**h times), softmax-sharpened by the temperature, and smoothed towards
+the marginal with `prior` pseudo-counts against the U reference tokens (every one of
+them carries some weight). Naive Bayes treats the layers as independent evidence; the
+kernel sees whole routing paths. The guess uses the mean of the two log-odds.
+
 Optional temporal feature (`temporal=True`): the experts the previous token of the same
 sequence used at layer l+1. In decode that token finished all its layers one step
 earlier, so its routing is known when this token reaches layer l; consecutive tokens
@@ -36,11 +44,15 @@ class ShuffleConfig:
     """history: earlier layers whose experts inform the guess (1 = layer l only).
     prior: pseudo-counts of the backoff estimate added to each conditional.
     temporal: also use the previous token's layer-(l+1) experts (decode only, see above).
+    kernel_temperature: sharpness of the trajectory kernel; 0 turns the kernel off.
+    kernel_decay: weight of layer l-h in the kernel's similarity is kernel_decay**h.
     """
 
     history: int = 3
     prior: float = 2.0
     temporal: bool = False
+    kernel_temperature: float = 0.0
+    kernel_decay: float = 0.85
 
     def __post_init__(self) -> None:
         if self.history < 1:
@@ -49,6 +61,10 @@ class ShuffleConfig:
             raise ValueError(f"temporal must be a bool, got {self.temporal!r}")
         if self.prior <= 0:
             raise ValueError(f"prior must be > 0 pseudo-counts, got {self.prior}")
+        if self.kernel_temperature < 0:
+            raise ValueError(f"kernel_temperature must be >= 0 (0: no kernel), got {self.kernel_temperature}")
+        if not 0 < self.kernel_decay <= 1:
+            raise ValueError(f"kernel_decay must lie in (0, 1], got {self.kernel_decay}")
 
 
 _EPS = 1e-3  # keeps smoothed probabilities off 0 and 1 before the logit
@@ -113,6 +129,7 @@ class TransitionShuffler:
                 self.pair_LPR[l].index_add_(0, self.pair_code_TL[:, l], served_TLR[:, l + 1])
                 self.pair_n_LP[l] += torch.bincount(self.pair_code_TL[:, l], minlength=P).double()
         self.base_LR = served_TLR.mean(0)  # marginal, for layers or experts never seen
+        self.hot_TLE, self.served_TLR = hot_TLE, served_TLR  # the kernel's reference tokens
         self.prev_LER = torch.zeros(L, E, R, dtype=torch.float64)
         self.prev_n_LE = torch.zeros(L, E, dtype=torch.float64)
         if self.config.temporal:
@@ -131,6 +148,33 @@ class TransitionShuffler:
     def scores(self, layer: int, history_THK: torch.Tensor,
                prev_next_TK: torch.Tensor | None = None) -> torch.Tensor:
         """float64 [T, R]: log-odds that rank r serves the token at layer+1.
+
+        history_THK: the token's experts at layers layer, layer-1, ... (any number of rows;
+        naive Bayes reads the first `history`, the kernel all). prev_next_TK: see _bayes.
+        """
+        s_TR = self._bayes(layer, history_THK, prev_next_TK)
+        if self.config.kernel_temperature > 0 and layer + 1 < self.base_LR.shape[0]:
+            s_TR = 0.5 * (s_TR + self._kernel(layer, history_THK))
+        return s_TR
+
+    def _kernel(self, layer: int, history_THK: torch.Tensor) -> torch.Tensor:
+        """float64 [T, R]: the trajectory kernel's log-odds (module doc); U profile tokens."""
+        T, H = history_THK.shape[:2]
+        H = min(H, layer + 1)
+        E = self.placement.num_experts
+        w_H = self.config.kernel_decay ** torch.arange(H, dtype=torch.float64)
+        hot_THE = torch.zeros(T, H, E, dtype=torch.float64).scatter_(2, history_THK[:, :H].long(), 1.0)
+        ref_UHE = self.hot_TLE[:, layer - H + 1: layer + 1].flip(1) * w_H[None, :, None]
+        sim_TU = hot_THE.reshape(T, H * E) @ ref_UHE.reshape(-1, H * E).T
+        w_TU = torch.softmax(self.config.kernel_temperature * sim_TU, dim=1)
+        U, a = w_TU.shape[1], self.config.prior
+        base_R = self.base_LR[layer + 1].clamp(_EPS, 1 - _EPS)
+        p_TR = ((w_TU @ self.served_TLR[:, layer + 1]) * U + a * base_R) / (U + a)
+        return _logit(p_TR.clamp(_EPS, 1 - _EPS))
+
+    def _bayes(self, layer: int, history_THK: torch.Tensor,
+               prev_next_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 [T, R]: the naive-Bayes log-odds.
 
         history_THK: the token's experts at layers layer, layer-1, ... (H' <= history rows).
         prev_next_TK: the previous token's experts at layer+1 (-1 rows: no previous token);

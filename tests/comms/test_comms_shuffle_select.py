@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe.comms.a2a_bench import A2ABenchConfig, _halves, run_a2a_bench, select_shuffle
+from moe.comms.a2a_bench import A2ABenchConfig, _halves, _label, run_a2a_bench, select_shuffle
 from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement, load_shares
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, replay
@@ -62,13 +62,16 @@ def test_temporal_feature_learns_repeated_routing():
     assert temporal.bytes < plain.bytes
 
 
-@pytest.mark.parametrize("temporal", [False, True])
-def test_temporal_shuffle_moves_only_to_free_candidates(temporal):
-    """With or without the temporal feature the chosen rank is a free candidate of the combine."""
+SHUFFLE_CONFIGS = [ShuffleConfig(), ShuffleConfig(temporal=True), ShuffleConfig(kernel_temperature=2.0),
+                   ShuffleConfig(history=1, temporal=True, kernel_temperature=0.5, kernel_decay=1.0)]
+
+
+@pytest.mark.parametrize("config", SHUFFLE_CONFIGS)
+def test_shuffle_variants_move_only_to_free_candidates(config):
+    """With the temporal feature or the kernel, the chosen rank is still a free candidate of the combine."""
     ids = _random_ids(50, 4, 8, 2, seed=1).long()
     pl = ExpertPlacement.contiguous(4, 8, 4)
-    sh = TransitionShuffler(pl, _random_ids(80, 4, 8, 2, seed=2), ShuffleConfig(temporal=temporal),
-                            torch.tensor([0, 40, 80]))
+    sh = TransitionShuffler(pl, _random_ids(80, 4, 8, 2, seed=2), config, torch.tensor([0, 40, 80]))
     loc, prev = torch.arange(50) % 4, previous_token(torch.tensor([0, 25, 50]), 50)
     for l in range(3):
         cand = pl.holds_LER[l][ids[:, l]].any(1)
@@ -88,6 +91,12 @@ def test_configs_reject_bad_values():
         A2ABenchConfig(histories=(2, 0))
     with pytest.raises(ValueError, match="replicas"):
         A2ABenchConfig(replicas=-1)
+    with pytest.raises(ValueError, match="kernel_temperature"):
+        ShuffleConfig(kernel_temperature=-1.0)
+    with pytest.raises(ValueError, match="kernel_decay"):
+        ShuffleConfig(kernel_decay=0.0)
+    with pytest.raises(ValueError, match="kernel_decays"):
+        A2ABenchConfig(kernel_decays=(1.5,))
 
 
 def test_load_shares_are_exact():
@@ -125,14 +134,35 @@ def test_select_shuffle_reports_cross_validated_bytes():
     ids = _random_ids(60, 4, 8, 2, seed=6).long()
     starts = torch.tensor([0, 30, 60])
     pl = ExpertPlacement.contiguous(4, 8, 4)
-    cfg = A2ABenchConfig(histories=(1, 3), replay=ReplayConfig(hidden_size=8))
+    cfg = A2ABenchConfig(histories=(1, 3), kernel_temperatures=(2.0,), kernel_decays=(0.5, 1.0),
+                         replay=ReplayConfig(hidden_size=8))
     chosen, tried = select_shuffle(pl, ids, starts, cfg)
-    assert tried[f"history={chosen.history} temporal=False"] == min(tried.values())
+    assert len(tried) == 4  # two histories, then the kernel grid (the chosen history is reused)
+    assert tried[_label(chosen)] == min(tried.values())
     (a, sa), (b, sb) = _halves(ids, starts)
-    sc = ShuffleConfig(history=3)
-    by_hand = replay(b, sb, pl, TransitionShuffler(pl, a, sc, sa), cfg.replay).bytes \
-        + replay(a, sa, pl, TransitionShuffler(pl, b, sc, sb), cfg.replay).bytes
-    assert tried["history=3 temporal=False"] == by_hand
+    for sc in (ShuffleConfig(history=3), ShuffleConfig(history=chosen.history, kernel_temperature=2.0,
+                                                       kernel_decay=0.5)):
+        by_hand = replay(b, sb, pl, TransitionShuffler(pl, a, sc, sa), cfg.replay).bytes \
+            + replay(a, sa, pl, TransitionShuffler(pl, b, sc, sb), cfg.replay).bytes
+        assert tried[_label(sc)] == by_hand
+
+
+def test_kernel_matches_a_per_token_loop():
+    """The trajectory kernel's log-odds equal a plain loop over reference tokens."""
+    prof, meas = _random_ids(23, 4, 8, 2, seed=8).long(), _random_ids(9, 4, 8, 2, seed=9).long()
+    pl = ExpertPlacement.contiguous(4, 8, 4)
+    cfg = ShuffleConfig(history=2, kernel_temperature=1.5, kernel_decay=0.6)
+    sh = TransitionShuffler(pl, prof, cfg)
+    layer = 2
+    got = sh._kernel(layer, meas[:, : layer + 1].flip(1))
+    served = pl.holds_LER[layer + 1][prof[:, layer + 1]].any(1).double()
+    base = served.mean(0).clamp(1e-3, 1 - 1e-3)
+    for t in range(9):
+        sim = torch.tensor([sum(0.6 ** h * len(set(meas[t, layer - h].tolist()) & set(prof[u, layer - h].tolist()))
+                                for h in range(layer + 1)) for u in range(23)], dtype=torch.float64)
+        w = torch.softmax(1.5 * sim, 0)
+        p = ((w @ served) * 23 + cfg.prior * base) / (23 + cfg.prior)
+        torch.testing.assert_close(got[t], torch.log(p) - torch.log1p(-p))
 
 
 def test_replicas_row_is_apart_from_the_headline():
@@ -140,7 +170,8 @@ def test_replicas_row_is_apart_from_the_headline():
     def trace(seed):
         return RoutingTrace(expert_ids=_random_ids(40, 3, 8, 2, seed=seed), seq_starts=torch.tensor([0, 40]),
                             num_experts=8, top_k=2)
-    res = run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, histories=(1, 2), replicas=1))
+    res = run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, histories=(1, 2), kernel_temperatures=(1.0,),
+                                                           kernel_decays=(1.0,), replicas=1))
     assert res["summary"]["bytes"] == res["rows"]["ours"]["bytes"]
     assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
     assert "replicas" not in run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, replicas=0))["rows"]
