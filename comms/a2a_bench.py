@@ -31,7 +31,7 @@ import torch
 from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, home_ranks, replay
-from moe.comms.shuffle import ShuffleConfig, TransitionShuffler, previous_experts, previous_token
+from moe.comms.shuffle import DecodeView, ShuffleConfig, TransitionShuffler
 
 __all__ = ["A2ABenchConfig", "run_a2a_bench", "format_report"]
 
@@ -40,8 +40,9 @@ __all__ = ["A2ABenchConfig", "run_a2a_bench", "format_report"]
 class A2ABenchConfig:
     """ranks: EP world size; replay, grouping, shuffle: the component configs.
     histories: history lengths the in-profile cross-validation chooses from (empty: use
-    shuffle.history as given). allow_temporal: the cross-validation may also turn on the
-    shuffle's temporal feature (decode traffic only); shuffle.temporal forces it on.
+    shuffle.history as given). decode: the replayed tokens are decode tokens, so the
+    cross-validation may also turn on the shuffle's decode features (temporal, online);
+    the shuffle config's own decode features stay on either way.
     kernel_temperatures, kernel_decays: the trajectory-kernel grid the cross-validation
     tries besides no kernel (empty temperatures: the shuffle config's kernel as given).
     replicas: extra expert slots per rank of the separate replicas row (0: no such row).
@@ -52,7 +53,7 @@ class A2ABenchConfig:
     grouping: GroupingConfig = None  # type: ignore[assignment]
     shuffle: ShuffleConfig = None  # type: ignore[assignment]
     histories: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    allow_temporal: bool = False
+    decode: bool = False
     kernel_temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
     kernel_decays: tuple[float, ...] = (0.7, 0.85, 1.0)
     replicas: int = 1
@@ -83,7 +84,7 @@ class _Hindsight:
         self.placement, self.ids_TLK = placement, expert_ids_TLK.long()
         self.config = ShuffleConfig(history=history)
 
-    def choose(self, layer, history_THK, candidates_TR, loc_T, prev_next_TK=None):
+    def choose(self, layer, history_THK, candidates_TR, loc_T, view=None):
         served_TR = self.placement.holds_LER[layer + 1][self.ids_TLK[:, layer + 1]].any(1)
         s_TR = (candidates_TR & served_TR).double()
         s_TR[torch.arange(len(loc_T)), loc_T] += 1e-6
@@ -95,7 +96,7 @@ def _free_move_rows(ids_TLK, seq_starts, placement, predictor, config: ReplayCon
     T, L, _ = ids_TLK.shape
     R = placement.world_size
     loc_T, rows = home_ranks(seq_starts, T, R, config.home), 0
-    prev_T = previous_token(seq_starts, T)
+    view = DecodeView.from_trace(ids_TLK, seq_starts) if isinstance(predictor, TransitionShuffler) else None
     for l in range(L):
         served_TR = placement.holds_LER[l][ids_TLK[:, l]].any(1)
         rows += 2 * int(served_TR.sum() - served_TR[torch.arange(T), loc_T].sum())
@@ -103,7 +104,7 @@ def _free_move_rows(ids_TLK, seq_starts, placement, predictor, config: ReplayCon
             loc_T = placement.primary_rank(l + 1, ids_TLK[:, l + 1, 0])
         elif l < L - 1 and predictor is not None:
             history_THK = ids_TLK[:, : l + 1].flip(1)
-            loc_T = predictor.scores(l, history_THK, previous_experts(ids_TLK, prev_T, l + 1)).argmax(1)
+            loc_T = predictor.scores(l, history_THK, view).argmax(1)
     return rows
 
 
@@ -119,7 +120,7 @@ def _halves(ids_TLK: torch.Tensor, starts: torch.Tensor):
 
 def _label(cfg: ShuffleConfig) -> str:
     kernel = f"kernel={cfg.kernel_temperature:g}/{cfg.kernel_decay:g}" if cfg.kernel_temperature else "kernel=off"
-    return f"history={cfg.history} temporal={cfg.temporal} {kernel}"
+    return f"history={cfg.history} temporal={cfg.temporal} {kernel} online={cfg.online}"
 
 
 def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: torch.Tensor,
@@ -127,13 +128,16 @@ def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: to
     """The shuffle setting with the fewest replayed bytes across the two halves of a profile.
 
     Each half fits a shuffler that replays the other half under `placement`. Two stages:
-    the naive-Bayes history (and temporal feature, where allowed), then, with those, the
-    trajectory kernel (off, or each temperature x decay). Ties keep the earlier, simpler
-    setting. Returns the chosen config and {label: held-out bytes} for every setting tried.
+    the naive-Bayes history (and temporal feature, in decode), then, with those, the
+    trajectory kernel (off, or each temperature x decay, offline and, in decode, online).
+    Ties keep the earlier, simpler setting. Returns the chosen config and {label:
+    held-out bytes} for every setting tried.
     """
     base = config.shuffle
     if not config.histories and not config.kernel_temperatures:
         return base, {}
+    if base.online and not config.kernel_temperatures:
+        raise ValueError("an online shuffle needs its kernel: give kernel_temperatures to choose it from")
     parts = _halves(ids_TLK, starts)
     tried: dict[str, int] = {}
 
@@ -149,13 +153,14 @@ def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: to
         scored = [(held_out_bytes(c), i, c) for i, c in enumerate(cfgs)]
         return min(scored, key=lambda x: x[:2])[2]
 
-    temporals = (True,) if base.temporal else ((False, True) if config.allow_temporal else (False,))
-    bayes = [replace(base, history=h, temporal=t, kernel_temperature=0.0)
+    temporals = (True,) if base.temporal else ((False, True) if config.decode else (False,))
+    onlines = (True,) if base.online else ((False, True) if config.decode else (False,))
+    bayes = [replace(base, history=h, temporal=t, kernel_temperature=0.0, online=False)
              for t in temporals for h in (config.histories or (base.history,))]
     chosen = best_of(bayes) if len(bayes) > 1 else bayes[0]
     if config.kernel_temperatures:
-        kernels = [chosen] + [replace(chosen, kernel_temperature=k, kernel_decay=d)
-                              for k in config.kernel_temperatures for d in config.kernel_decays]
+        kernels = [chosen] + [replace(chosen, kernel_temperature=k, kernel_decay=d, online=o)
+                              for o in onlines for k in config.kernel_temperatures for d in config.kernel_decays]
         if _label(chosen) not in tried:
             tried[_label(chosen)] = held_out_bytes(chosen)
         chosen = best_of(kernels)
@@ -200,7 +205,7 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
         "ranks": R, "layers": L, "experts": E, "tokens": trace.num_tokens,
         "profile_tokens": profile.num_tokens, "hidden_size": config.replay.hidden_size,
         "home": config.replay.home, "rows": rows, "free_move_reduction": free_red,
-        "shuffle": {"history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal,
+        "shuffle": {"history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal, "online": shuffle_cfg.online,
                     "kernel_temperature": shuffle_cfg.kernel_temperature, "kernel_decay": shuffle_cfg.kernel_decay,
                     "cv_bytes": tried},
         "placement": grouped.to_json(),
@@ -212,7 +217,8 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             "grouping_bytes": rows["grouping"]["bytes"], "oracle_bytes": oracle["bytes"],
             "hindsight_bytes": rows["hindsight"]["bytes"], "spec_hit": ours["spec_hit"],
             "share_of_oracle": (base_bytes - ours["bytes"]) / bound_gain if bound_gain > 0 else None,
-            "history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal,
+            "history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal, "online": shuffle_cfg.online,
+            "decode": config.decode,
             "kernel": [shuffle_cfg.kernel_temperature, shuffle_cfg.kernel_decay] if shuffle_cfg.kernel_temperature
             else None,
             "replicas_reduction": rows["replicas"]["reduction"] if "replicas" in rows else None,
@@ -253,6 +259,7 @@ def format_report(res: dict) -> str:
         + (", previous token's next-layer routing (decode)" if res["shuffle"]["temporal"] else "")
         + (f", trajectory kernel (temperature {res['shuffle']['kernel_temperature']:g}, decay "
            f"{res['shuffle']['kernel_decay']:g})" if res["shuffle"]["kernel_temperature"] else "")
+        + (" learning online from the earlier tokens of each sequence (decode)" if res["shuffle"]["online"] else "")
         + (" (chosen by cross-validation inside the profile)" if res["shuffle"]["cv_bytes"] else ""),
     ]
     if "replicas" in res["rows"]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, asdict
 import torch
 
 from moe.comms.placement import ExpertPlacement
-from moe.comms.shuffle import TransitionShuffler, previous_experts, previous_token
+from moe.comms.shuffle import DecodeView, TransitionShuffler
 
 __all__ = ["ReplayConfig", "ReplayResult", "replay", "home_ranks"]
 
@@ -87,8 +87,8 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
     """Replay a routing trace under `placement`.
 
     shuffle: None (tokens stay home), a fitted TransitionShuffler, or "oracle". The
-    shuffler sees a token's routing at layers <= l and, for its temporal feature, the
-    previous token's routing at l+1 (decode: that token finished a step earlier).
+    shuffler sees a token's routing at layers <= l and, through a DecodeView, the earlier
+    tokens of its sequence (its decode features use them only where turned on).
     """
     config = config or ReplayConfig()
     T, L, K = expert_ids_TLK.shape
@@ -102,7 +102,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
     home_T = home_ranks(seq_starts, T, R, config.home)
     token_T = torch.arange(T)
     loc_T = home_T
-    prev_T = previous_token(seq_starts, T)
+    view = DecodeView.from_trace(ids_TLK, seq_starts) if isinstance(shuffle, TransitionShuffler) else None
     dispatch = combine = local = 0
     remote_activations = 0
     imb_L = torch.zeros(L, dtype=torch.float64)
@@ -130,7 +130,7 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
             next_T = placement.primary_rank(l + 1, ids_TLK[:, l + 1, 0])
         else:
             history_THK = ids_TLK[:, : l + 1].flip(1)
-            next_T = shuffle.choose(l, history_THK, cand_TR, loc_T, previous_experts(ids_TLK, prev_T, l + 1))
+            next_T = shuffle.choose(l, history_THK, cand_TR, loc_T, view)
         combine += int(cand_TR.sum()) - int(cand_TR[token_T, next_T].sum())
         loc_T = next_T
     rows = dispatch + combine

@@ -22,11 +22,16 @@ the marginal with `prior` pseudo-counts against the U reference tokens (every on
 them carries some weight). Naive Bayes treats the layers as independent evidence; the
 kernel sees whole routing paths. The guess uses the mean of the two log-odds.
 
-Optional temporal feature (`temporal=True`): the experts the previous token of the same
-sequence used at layer l+1. In decode that token finished all its layers one step
-earlier, so its routing is known when this token reaches layer l; consecutive tokens
-share experts more often than chance. It is NOT available in prefill, where the tokens
-of a prompt run through the layers together: turn it on only for decode traffic.
+Decode-only features. In decode, the earlier tokens of a sequence finished all their
+layers one or more steps before this token reaches layer l, so their routing is known.
+The replay hands it over as a `DecodeView` that exposes, for token t, only those tokens.
+- `temporal=True`: naive Bayes also reads the previous token's experts at layer l+1
+  (consecutive tokens share experts more often than chance).
+- `online=True`: the kernel's references also include the earlier tokens of the token's
+  own sequence, with their served ranks at l+1 (the predictor keeps learning while it
+  serves, from the past only).
+Neither is available in prefill, where a prompt's tokens run through the layers
+together: turn them on only for decode traffic.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch
 
 from moe.comms.placement import ExpertPlacement
 
-__all__ = ["ShuffleConfig", "TransitionShuffler", "previous_token"]
+__all__ = ["ShuffleConfig", "TransitionShuffler", "DecodeView", "previous_token", "previous_experts"]
 
 
 @dataclass(kw_only=True)
@@ -46,6 +51,7 @@ class ShuffleConfig:
     temporal: also use the previous token's layer-(l+1) experts (decode only, see above).
     kernel_temperature: sharpness of the trajectory kernel; 0 turns the kernel off.
     kernel_decay: weight of layer l-h in the kernel's similarity is kernel_decay**h.
+    online: the kernel also learns from the earlier tokens of the sequence (decode only).
     """
 
     history: int = 3
@@ -53,18 +59,21 @@ class ShuffleConfig:
     temporal: bool = False
     kernel_temperature: float = 0.0
     kernel_decay: float = 0.85
+    online: bool = False
 
     def __post_init__(self) -> None:
         if self.history < 1:
             raise ValueError(f"history must be >= 1 layer, got {self.history}")
-        if not isinstance(self.temporal, bool):
-            raise ValueError(f"temporal must be a bool, got {self.temporal!r}")
+        if not isinstance(self.temporal, bool) or not isinstance(self.online, bool):
+            raise ValueError(f"temporal and online must be bools, got {self.temporal!r} and {self.online!r}")
         if self.prior <= 0:
             raise ValueError(f"prior must be > 0 pseudo-counts, got {self.prior}")
         if self.kernel_temperature < 0:
             raise ValueError(f"kernel_temperature must be >= 0 (0: no kernel), got {self.kernel_temperature}")
         if not 0 < self.kernel_decay <= 1:
             raise ValueError(f"kernel_decay must lie in (0, 1], got {self.kernel_decay}")
+        if self.online and not self.kernel_temperature > 0:
+            raise ValueError("online learning feeds the kernel: it needs kernel_temperature > 0")
 
 
 _EPS = 1e-3  # keeps smoothed probabilities off 0 and 1 before the logit
@@ -86,6 +95,28 @@ def previous_experts(ids_TLK: torch.Tensor, prev_T: torch.Tensor, layer: int) ->
     """int64 [T, K]: the previous token's experts at `layer`, -1 rows for first tokens."""
     out_TK = ids_TLK[prev_T.clamp(min=0), layer].long()
     return torch.where(prev_T[:, None] >= 0, out_TK, -1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeView:
+    """The replayed tokens as a decode step sees them: token t may read only the tokens
+    before it in its own sequence (they finished all their layers).
+
+    ids_TLK: int64 [T, L, K]; prev_T: int64 [T] the token just before (-1: none);
+    earlier_TT: bool [T, T], [t, u] True where u is before t in t's sequence (O(T^2)).
+    """
+
+    ids_TLK: torch.Tensor
+    prev_T: torch.Tensor
+    earlier_TT: torch.Tensor
+
+    @classmethod
+    def from_trace(cls, ids_TLK: torch.Tensor, seq_starts: torch.Tensor) -> "DecodeView":
+        T = ids_TLK.shape[0]
+        seq_T = torch.repeat_interleave(torch.arange(len(seq_starts) - 1), seq_starts.diff())
+        pos_T = torch.arange(T)
+        earlier_TT = (seq_T[:, None] == seq_T[None, :]) & (pos_T[None, :] < pos_T[:, None])
+        return cls(ids_TLK=ids_TLK.long(), prev_T=previous_token(seq_starts, T), earlier_TT=earlier_TT)
 
 
 def _served_ranks(placement: ExpertPlacement, layer: int, ids_TK: torch.Tensor) -> torch.Tensor:
@@ -145,31 +176,49 @@ class TransitionShuffler:
         lo, hi = ids_TLK.min(2).values, ids_TLK.max(2).values
         return lo * self.placement.num_experts + hi
 
-    def scores(self, layer: int, history_THK: torch.Tensor,
-               prev_next_TK: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(self, layer: int, history_THK: torch.Tensor, view: DecodeView | None = None) -> torch.Tensor:
         """float64 [T, R]: log-odds that rank r serves the token at layer+1.
 
         history_THK: the token's experts at layers layer, layer-1, ... (any number of rows;
-        naive Bayes reads the first `history`, the kernel all). prev_next_TK: see _bayes.
+        naive Bayes reads the first `history`, the kernel all). view: the other tokens as
+        decode sees them (row t of history_THK is token t of the view); only the decode
+        features read it, and only where the config turns them on.
         """
+        if view is not None and view.ids_TLK.shape[0] != history_THK.shape[0]:
+            raise ValueError(f"decode view has {view.ids_TLK.shape[0]} tokens, the history {history_THK.shape[0]}")
+        last = layer + 1 >= self.base_LR.shape[0]
+        prev_next_TK = None
+        if self.config.temporal and view is not None and not last:
+            prev_next_TK = previous_experts(view.ids_TLK, view.prev_T, layer + 1)
         s_TR = self._bayes(layer, history_THK, prev_next_TK)
-        if self.config.kernel_temperature > 0 and layer + 1 < self.base_LR.shape[0]:
-            s_TR = 0.5 * (s_TR + self._kernel(layer, history_THK))
+        if self.config.kernel_temperature > 0 and not last:
+            s_TR = 0.5 * (s_TR + self._kernel(layer, history_THK, view if self.config.online else None))
         return s_TR
 
-    def _kernel(self, layer: int, history_THK: torch.Tensor) -> torch.Tensor:
-        """float64 [T, R]: the trajectory kernel's log-odds (module doc); U profile tokens."""
+    def _kernel(self, layer: int, history_THK: torch.Tensor, view: DecodeView | None) -> torch.Tensor:
+        """float64 [T, R]: the trajectory kernel's log-odds (module doc) over U references:
+        the profile's tokens, and with a view the earlier tokens of each token's sequence."""
         T, H = history_THK.shape[:2]
         H = min(H, layer + 1)
         E = self.placement.num_experts
         w_H = self.config.kernel_decay ** torch.arange(H, dtype=torch.float64)
         hot_THE = torch.zeros(T, H, E, dtype=torch.float64).scatter_(2, history_THK[:, :H].long(), 1.0)
-        ref_UHE = self.hot_TLE[:, layer - H + 1: layer + 1].flip(1) * w_H[None, :, None]
+        ref_UHE = self.hot_TLE[:, layer - H + 1: layer + 1]
+        served_UR = self.served_TLR[:, layer + 1]
+        allowed_TU = torch.ones(T, ref_UHE.shape[0], dtype=torch.bool)
+        if view is not None:
+            past_ids_TLK = view.ids_TLK[:, layer - H + 1: layer + 2]
+            past_hot = torch.zeros(*past_ids_TLK.shape[:2], E, dtype=torch.float64).scatter_(2, past_ids_TLK, 1.0)
+            ref_UHE = torch.cat([ref_UHE, past_hot[:, :H]])
+            served_UR = torch.cat([served_UR, _served_ranks(self.placement, layer + 1, past_ids_TLK[:, H]).double()])
+            allowed_TU = torch.cat([allowed_TU, view.earlier_TT], 1)
+        ref_UHE = ref_UHE.flip(1) * w_H[None, :, None]
         sim_TU = hot_THE.reshape(T, H * E) @ ref_UHE.reshape(-1, H * E).T
-        w_TU = torch.softmax(self.config.kernel_temperature * sim_TU, dim=1)
-        U, a = w_TU.shape[1], self.config.prior
+        logit_TU = torch.where(allowed_TU, self.config.kernel_temperature * sim_TU, float("-inf"))
+        w_TU = torch.softmax(logit_TU, dim=1)
+        n_T1, a = allowed_TU.sum(1, keepdim=True).double(), self.config.prior
         base_R = self.base_LR[layer + 1].clamp(_EPS, 1 - _EPS)
-        p_TR = ((w_TU @ self.served_TLR[:, layer + 1]) * U + a * base_R) / (U + a)
+        p_TR = ((w_TU @ served_UR) * n_T1 + a * base_R) / (n_T1 + a)
         return _logit(p_TR.clamp(_EPS, 1 - _EPS))
 
     def _bayes(self, layer: int, history_THK: torch.Tensor,
@@ -178,7 +227,7 @@ class TransitionShuffler:
 
         history_THK: the token's experts at layers layer, layer-1, ... (H' <= history rows).
         prev_next_TK: the previous token's experts at layer+1 (-1 rows: no previous token);
-        used only when the config is temporal.
+        given only when the config is temporal.
         Naive Bayes over features: the expert set at `layer` (pair table, K = 2) or its
         single experts, the single experts of earlier layers, and (temporal) those of the
         previous token at layer+1; each conditional is smoothed towards the marginal with
@@ -200,7 +249,7 @@ class TransitionShuffler:
             for cnt_TR, n_T1 in terms:
                 p_TR = ((cnt_TR + a * base_R) / (n_T1 + a)).clamp(_EPS, 1 - _EPS)
                 s_TR += _logit(p_TR) - base_logit_R
-        if self.config.temporal and prev_next_TK is not None and layer + 1 < self.base_LR.shape[0]:
+        if prev_next_TK is not None:
             for k in range(prev_next_TK.shape[1]):
                 e_T = prev_next_TK[:, k].long()
                 cnt_TR, n_T1 = self.prev_LER[layer][e_T.clamp(min=0)], self.prev_n_LE[layer][e_T.clamp(min=0)][:, None]
@@ -209,8 +258,8 @@ class TransitionShuffler:
         return s_TR
 
     def choose(self, layer: int, history_THK: torch.Tensor, candidates_TR: torch.Tensor,
-               loc_T: torch.Tensor, prev_next_TK: torch.Tensor | None = None) -> torch.Tensor:
+               loc_T: torch.Tensor, view: DecodeView | None = None) -> torch.Tensor:
         """int64 [T]: the candidate rank with the best score (ties: stay on loc_T)."""
-        s_TR = self.scores(layer, history_THK, prev_next_TK)
+        s_TR = self.scores(layer, history_THK, view)
         s_TR[torch.arange(len(loc_T)), loc_T] += 1e-9  # stay put on ties
         return torch.where(candidates_TR, s_TR, float("-inf")).argmax(1)

@@ -34,8 +34,9 @@ def register(sub) -> None:
                    help="layers of a token's routing the shuffle predictor looks at, or 'auto': chosen by "
                         "cross-validation inside the profile (default: auto)")
     p.add_argument("--decode", action="store_true",
-                   help="tokens are decode tokens: the cross-validation may use the previous token's routing "
-                        "(known in decode, not in prefill)")
+                   help="the traced tokens are decode tokens: the shuffle may use the routing of the earlier "
+                        "tokens of the same sequence (known in decode, not in prefill), if the in-profile "
+                        "cross-validation finds it helps")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="extra expert slots per rank of the separate replicas row; 0 drops the row (default: 1)")
     p.add_argument("--save-placement", metavar="FILE.json", default=None,
@@ -67,7 +68,7 @@ def run(args) -> int:
         grouping=GroupingConfig(load_cap=args.load_cap, load_folds=args.load_folds),
         shuffle=ShuffleConfig() if args.history == "auto" else ShuffleConfig(history=args.history),
         histories=A2ABenchConfig.histories if args.history == "auto" else (),
-        allow_temporal=args.decode,
+        decode=args.decode,
         replicas=args.replicas,
     )
     res = run_a2a_bench(load_trace(args.profile), load_trace(args.trace), config)

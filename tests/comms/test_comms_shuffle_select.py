@@ -6,7 +6,7 @@ from moe.comms.a2a_bench import A2ABenchConfig, _halves, _label, run_a2a_bench, 
 from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement, load_shares
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, replay
-from moe.comms.shuffle import ShuffleConfig, TransitionShuffler, previous_experts, previous_token
+from moe.comms.shuffle import DecodeView, ShuffleConfig, TransitionShuffler, previous_experts, previous_token
 from moe.router_predictor.trace import RoutingTrace
 
 # (seq_starts, expected previous token of every token)
@@ -63,7 +63,7 @@ def test_temporal_feature_learns_repeated_routing():
 
 
 SHUFFLE_CONFIGS = [ShuffleConfig(), ShuffleConfig(temporal=True), ShuffleConfig(kernel_temperature=2.0),
-                   ShuffleConfig(history=1, temporal=True, kernel_temperature=0.5, kernel_decay=1.0)]
+                   ShuffleConfig(history=1, temporal=True, kernel_temperature=0.5, kernel_decay=1.0, online=True)]
 
 
 @pytest.mark.parametrize("config", SHUFFLE_CONFIGS)
@@ -72,13 +72,49 @@ def test_shuffle_variants_move_only_to_free_candidates(config):
     ids = _random_ids(50, 4, 8, 2, seed=1).long()
     pl = ExpertPlacement.contiguous(4, 8, 4)
     sh = TransitionShuffler(pl, _random_ids(80, 4, 8, 2, seed=2), config, torch.tensor([0, 40, 80]))
-    loc, prev = torch.arange(50) % 4, previous_token(torch.tensor([0, 25, 50]), 50)
+    loc, view = torch.arange(50) % 4, DecodeView.from_trace(ids, torch.tensor([0, 25, 50]))
     for l in range(3):
         cand = pl.holds_LER[l][ids[:, l]].any(1)
         cand[torch.arange(50), loc] = True
-        nxt = sh.choose(l, ids[:, : l + 1].flip(1), cand, loc, previous_experts(ids, prev, l + 1))
+        nxt = sh.choose(l, ids[:, : l + 1].flip(1), cand, loc, view)
         assert bool(cand[torch.arange(50), nxt].all())
         loc = nxt
+
+
+@pytest.mark.parametrize("config", SHUFFLE_CONFIGS[1:])
+def test_decode_features_read_only_earlier_tokens(config):
+    """Changing a token's routing never changes the guesses of tokens before it or in other sequences."""
+    prof, ids = _random_ids(40, 5, 8, 2, seed=3), _random_ids(30, 5, 8, 2, seed=4).long()
+    starts = torch.tensor([0, 12, 30])
+    pl = ExpertPlacement.contiguous(5, 8, 4)
+    sh = TransitionShuffler(pl, prof, config, torch.tensor([0, 40]))
+    changed = ids.clone()
+    changed[20:] = (changed[20:] + 3) % 8  # tokens 20.. of the second sequence
+    for l in range(4):
+        s0 = sh.scores(l, ids[:, : l + 1].flip(1), DecodeView.from_trace(ids, starts))
+        s1 = sh.scores(l, changed[:, : l + 1].flip(1), DecodeView.from_trace(changed, starts))
+        assert torch.equal(s0[:20], s1[:20])
+
+
+def test_online_kernel_matches_a_per_token_loop():
+    """With online learning a token's kernel also weighs the earlier tokens of its own sequence."""
+    prof, ids = _random_ids(11, 3, 8, 2, seed=5).long(), _random_ids(7, 3, 8, 2, seed=6).long()
+    starts = torch.tensor([0, 3, 7])
+    pl = ExpertPlacement.contiguous(3, 8, 4)
+    cfg = ShuffleConfig(kernel_temperature=1.0, kernel_decay=0.5, online=True)
+    sh = TransitionShuffler(pl, prof, cfg)
+    layer = 1
+    got = sh._kernel(layer, ids[:, : layer + 1].flip(1), DecodeView.from_trace(ids, starts))
+    base = pl.holds_LER[layer + 1][prof[:, layer + 1]].any(1).double().mean(0).clamp(1e-3, 1 - 1e-3)
+    seq = [0, 0, 0, 1, 1, 1, 1]
+    for t in range(7):
+        refs = [prof[u] for u in range(11)] + [ids[u] for u in range(t) if seq[u] == seq[t]]
+        sim = torch.tensor([sum(0.5 ** h * len(set(ids[t, layer - h].tolist()) & set(r[layer - h].tolist()))
+                                for h in range(layer + 1)) for r in refs], dtype=torch.float64)
+        served = torch.stack([pl.holds_LER[layer + 1][r[layer + 1]].any(0) for r in refs]).double()
+        w = torch.softmax(sim, 0)
+        p = ((w @ served) * len(refs) + cfg.prior * base) / (len(refs) + cfg.prior)
+        torch.testing.assert_close(got[t], torch.log(p) - torch.log1p(-p))
 
 
 def test_configs_reject_bad_values():
@@ -95,6 +131,8 @@ def test_configs_reject_bad_values():
         ShuffleConfig(kernel_temperature=-1.0)
     with pytest.raises(ValueError, match="kernel_decay"):
         ShuffleConfig(kernel_decay=0.0)
+    with pytest.raises(ValueError, match="kernel_temperature > 0"):
+        ShuffleConfig(online=True)
     with pytest.raises(ValueError, match="kernel_decays"):
         A2ABenchConfig(kernel_decays=(1.5,))
 
@@ -154,7 +192,7 @@ def test_kernel_matches_a_per_token_loop():
     cfg = ShuffleConfig(history=2, kernel_temperature=1.5, kernel_decay=0.6)
     sh = TransitionShuffler(pl, prof, cfg)
     layer = 2
-    got = sh._kernel(layer, meas[:, : layer + 1].flip(1))
+    got = sh._kernel(layer, meas[:, : layer + 1].flip(1), None)
     served = pl.holds_LER[layer + 1][prof[:, layer + 1]].any(1).double()
     base = served.mean(0).clamp(1e-3, 1 - 1e-3)
     for t in range(9):
