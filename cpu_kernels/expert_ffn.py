@@ -13,21 +13,27 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
     x_TD --(bf16? widen)--> xf_TD --matmul w13--> gu_T2F --swiglu--> h_TF
          --matmul w2--> yf_TD --(bf16? round to nearest even)--> y_TD
 
+T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode path
+(decode.py): the whole expert in one kernel call with at most one thread-pool launch,
+and numpy views of each weight made once per weight object (`_views`).
+
 `expert_ffn` releases the GIL inside the kernels and may be called from several Python
 threads at once; see numba_util for the threading model and `num_threads`. A matmul
-with fewer than SERIAL_BYTES of weights x tokens, or any matmul under a cap of one
-thread, runs on the calling thread without launching numba's thread pool.
+(or a fused decode) with fewer than SERIAL_BYTES of weights x tokens, or any call under
+a cap of one thread, runs on the calling thread without launching numba's thread pool.
 `expert_ffn_reference` is the plain-torch definition the kernels are tested against.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import decode as Dk
 from . import expert_ffn_kernels as K
 from .int4_kernels import matmul_int4, matmul_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
@@ -81,6 +87,67 @@ def weight_nbytes(w: Weight) -> int:
     if isinstance(w, (Int8Weight, Int4Weight)):
         return w.nbytes
     return w.numel() * w.element_size()
+
+
+# id(weight) -> (weak reference to it, its kernel views); an entry leaves with its weight.
+_VIEWS: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _make_views(w: Weight) -> tuple:
+    """(format, numpy views the decode kernels take) for one weight; format None: no decode kernel."""
+    if isinstance(w, Int8Weight):
+        return "int8", (w.q_RC.numpy(), w.scale_R.numpy())
+    if isinstance(w, Int4Weight):
+        p_RP = w.packed_RB.numpy()
+        if w.group_size != Dk.INT4_GROUP or p_RP.shape[1] % 4:
+            return None, ()
+        return "int4", (p_RP, p_RP.view(np.int32), w.scale_RG.numpy())
+    if w.dtype == torch.bfloat16:
+        return "bf16", (w.detach().view(torch.int16).numpy().view(np.uint16),)
+    return None, ()
+
+
+def _views(w: Weight) -> tuple:
+    """_make_views(w), made once per weight object (the runtime applies each expert many times)."""
+    key = id(w)
+    hit = _VIEWS.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    views = _make_views(w)
+
+    def forget(ref, key=key):
+        entry = _VIEWS.get(key)
+        if entry is not None and entry[0] is ref:
+            del _VIEWS[key]
+
+    try:
+        _VIEWS[key] = (weakref.ref(w, forget), views)
+    except TypeError:  # not weak-referenceable: use the views without caching them
+        pass
+    return views
+
+
+def _decode(x_TD: torch.Tensor, w13: Weight, w2: Weight, y_TD: torch.Tensor) -> bool:
+    """The fused T == 1 path (decode.py) when both weights have a decode kernel; False otherwise."""
+    fmt, v13 = _views(w13)
+    fmt2, v2 = _views(w2)
+    if fmt is None or fmt2 != fmt:
+        return False
+    if x_TD.dtype == torch.bfloat16:
+        x_D = x_TD[0].view(torch.int16).numpy().view(np.uint16)
+        y_D = y_TD[0].view(torch.int16).numpy().view(np.uint16)
+    else:
+        x_D, y_D = x_TD[0].numpy(), y_TD[0].numpy()
+    nthreads = numba.get_num_threads()
+    parallel = nthreads > 1 and weight_nbytes(w13) + weight_nbytes(w2) >= SERIAL_BYTES
+    nch = nthreads if parallel else 1
+    if fmt == "bf16":
+        Dk.decode_bf16(x_D, v13[0], v2[0], y_D, nch, parallel)
+    elif fmt == "int8":
+        Dk.decode_int8(x_D, v13[0], v13[1], v2[0], v2[1], y_D, nch, parallel)
+    else:
+        Dk.decode_int4(x_D, *v13, *v2, y_D, nch, parallel)
+    return True
 
 
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
@@ -162,6 +229,10 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
     if F_ == 0:  # no hidden units: the expert maps everything to zero
         return y_TD.zero_()
     x_TD = x_TD.detach().contiguous()
+    if T == 1:
+        with thread_cap(num_threads), launch_guard():
+            if _decode(x_TD, w13, w2, y_TD):
+                return y_TD
     bf16 = x_TD.dtype == torch.bfloat16
     # Layout of the workspace: gu_T2F | h_TF | (bf16 only) xf_TD | yf_TD.
     n_mid = T * 3 * F_

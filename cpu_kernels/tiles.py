@@ -21,7 +21,7 @@ from .numba_util import njit_kernel
 
 __all__ = [
     "ROW_BLOCK", "KC", "bf16_to_f32", "tile_chunk", "store_block", "dot_block",
-    "swiglu_rows", "widen_bf16", "narrow_to_bf16", "prefetch", "wide_vectors",
+    "swiglu_rows", "widen_bf16", "narrow_to_bf16", "f32_to_bf16", "prefetch", "wide_vectors",
 ]
 
 ROW_BLOCK = 4  # weight rows per block in the T > 1 path (the 4 of the 4x3 tile)
@@ -289,15 +289,19 @@ def widen_bf16(bits_TD, out_TD):
 
 
 @njit_kernel(parallel=False)
+def f32_to_bf16(v):
+    """The bf16 bit pattern (uint16) of float32 v rounded to nearest even, NaN kept NaN."""
+    if v != v:
+        return np.uint16(0x7FC0)
+    u = _f32_bits(v)
+    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(u >> np.uint32(16))
+
+
+@njit_kernel(parallel=False)
 def narrow_to_bf16(x_TD, bits_TD):
     """bits_TD (uint16 bf16 patterns) = x_TD rounded to nearest even, NaN kept NaN."""
     T, D = x_TD.shape
     for t in range(T):
         for d in range(D):
-            v = x_TD[t, d]
-            u = _f32_bits(v)
-            if v != v:
-                bits_TD[t, d] = np.uint16(0x7FC0)
-            else:
-                u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-                bits_TD[t, d] = np.uint16(u >> np.uint32(16))
+            bits_TD[t, d] = f32_to_bf16(x_TD[t, d])

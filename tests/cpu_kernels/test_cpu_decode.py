@@ -1,0 +1,166 @@
+"""The T == 1 kernels (gemv.py, int4_gemv.py, decode.py) against plain torch / numpy references."""
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
+from moe.cpu_kernels import decode as Dk
+from moe.cpu_kernels.gemv import gemv_bf16, gemv_int8
+from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
+
+expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
+
+# (R rows, S columns, c0, n): whole rows, windows starting on a 128-column boundary,
+# row counts that are not a multiple of 4, windows shorter than a GEMV step or a group,
+# and windows ending with a partial int4 group.
+WINDOWS = [
+    (9, 256, 0, 256),
+    (13, 520, 128, 392),
+    (8, 136, 0, 136),
+    (7, 96, 0, 96),
+    (21, 1100, 256, 600),
+    (4, 300, 128, 172),
+    (3, 2, 0, 2),
+]
+# Kernel and reference read identical weights and accumulate in fp32; only the order differs.
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _window_ref(w_RS, c0, n, x_N):
+    return (w_RS[:, c0:c0 + n].to(torch.float32) @ torch.from_numpy(x_N)).numpy()
+
+
+@pytest.mark.parametrize("R,S,c0,n", WINDOWS)
+def test_gemv_bf16_window(R, S, c0, n):
+    """gemv_bf16 over a column window equals the dense product of the window."""
+    w = torch.randn(R, S).bfloat16()
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    out = np.full(R, np.nan, np.float32)
+    gemv_bf16(x, w.view(torch.int16).numpy().view(np.uint16), out, 0, R, c0, n)
+    np.testing.assert_allclose(out, _window_ref(w, c0, n, x), **TOL)
+
+
+@pytest.mark.parametrize("R,S,c0,n", WINDOWS)
+def test_gemv_int8_window(R, S, c0, n):
+    """gemv_int8 over a column window equals the dequantised window times x."""
+    q = quantize(torch.randn(R, S), "int8")
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    out = np.full(R, np.nan, np.float32)
+    gemv_int8(x, q.q_RC.numpy(), q.scale_R.numpy(), out, 0, R, c0, n)
+    np.testing.assert_allclose(out, _window_ref(q.dequantize(), c0, n, x), **TOL)
+
+
+@pytest.mark.parametrize("R,S,c0,n", [w for w in WINDOWS if (w[1] % 128 + 1) // 2 % 4 == 0])
+def test_gemv_int4_window(R, S, c0, n):
+    """gemv_int4 over a window of whole groups (plus the row's tail group) equals dequant(W) x."""
+    q = quantize(torch.randn(R, S), "int4", group_size=128)
+    x = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+    xp = np.empty_like(x)
+    xsum = np.empty(-(-n // 128), np.float32)
+    permute_x(x, 128, xp, xsum)
+    np.testing.assert_allclose(xsum, [x[g:g + 128].sum() for g in range(0, n, 128)], rtol=1e-5, atol=1e-5)
+    p = q.packed_RB.numpy()
+    out = np.full(R, np.nan, np.float32)
+    gemv_int4(xp, x, xsum, p, p.view(np.int32), q.scale_RG.numpy(), out, 0, R, c0)
+    np.testing.assert_allclose(out, _window_ref(q.dequantize(), c0, n, x), **TOL)
+
+
+# (D, F): F below, at and above one split unit (128), partial int4 groups in both
+# weights, D not a multiple of 4.
+DECODE_SHAPES = [(160, 96), (264, 136), (136, 392), (256, 520)]
+DECODE_FORMATS = ["bf16", "int8", "int4"]
+
+
+def _weights(D, F, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(2 * F, D, generator=g) / D ** 0.5
+    w2 = torch.randn(D, F, generator=g) / F ** 0.5
+    if fmt == "bf16":
+        return w13.bfloat16(), w2.bfloat16()
+    if fmt == "int8":
+        return quantize(w13, "int8"), quantize(w2, "int8")
+    return quantize(w13, "int4", group_size=128), quantize(w2, "int4", group_size=128)
+
+
+@pytest.mark.parametrize("D,F", DECODE_SHAPES)
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("nch,parallel", [(1, False), (2, True), (3, True)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_matches_reference(D, F, fmt, nch, parallel, x_dtype):
+    """The fused decode kernel, serial or split into chunks, equals the torch expert."""
+    w13, w2 = _weights(D, F, fmt)
+    x_TD = torch.randn(1, D).to(x_dtype)
+    y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
+    fmt_, v13 = expert_ffn_module._views(w13)
+    _, v2 = expert_ffn_module._views(w2)
+    assert fmt_ == fmt
+    if x_dtype == torch.bfloat16:
+        x_D = x_TD[0].view(torch.int16).numpy().view(np.uint16)
+        y_D = y_TD[0].view(torch.int16).numpy().view(np.uint16)
+    else:
+        x_D, y_D = x_TD[0].numpy(), y_TD[0].numpy()
+    kernel = {"bf16": Dk.decode_bf16, "int8": Dk.decode_int8, "int4": Dk.decode_int4}[fmt]
+    kernel(x_D, *v13, *v2, y_D, nch, parallel)
+    tol = dict(rtol=1e-4, atol=1e-5) if x_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
+    torch.testing.assert_close(y_TD, expert_ffn_reference(x_TD, w13, w2), **tol)
+
+
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("serial_bytes", [0, 1 << 40])
+def test_expert_ffn_takes_decode_path(fmt, serial_bytes, monkeypatch):
+    """expert_ffn at T == 1 runs the fused kernel (pool or calling thread) and matches the reference."""
+    monkeypatch.setattr(expert_ffn_module, "SERIAL_BYTES", serial_bytes)
+    calls = []
+    name = f"decode_{fmt}"
+    real = getattr(Dk, name)
+    monkeypatch.setattr(Dk, name, lambda *a: (calls.append(a[-1]), real(*a)))
+    w13, w2 = _weights(264, 136, fmt)
+    x_TD = torch.randn(1, 264)
+    torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2),
+                               rtol=1e-4, atol=1e-5)
+    assert calls == [serial_bytes == 0]
+
+
+def test_mixed_or_unsupported_formats_fall_back():
+    """Weights without a decode kernel (fp32, int4 group 64, mixed formats) still give the reference."""
+    g = torch.Generator().manual_seed(3)
+    w13, w2 = torch.randn(272, 160, generator=g), torch.randn(160, 136, generator=g)
+    x_TD = torch.randn(1, 160)
+    for a, b in [(w13, w2), (quantize(w13, "int4", 64), quantize(w2, "int4", 64)),
+                 (quantize(w13, "int8"), w2.bfloat16())]:
+        torch.testing.assert_close(expert_ffn(x_TD, a, b), expert_ffn_reference(x_TD, a, b),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_views_are_cached_per_weight_and_released():
+    """A weight's kernel views are made once and dropped when the weight is freed."""
+    w = quantize(torch.randn(8, 256), "int8")
+    first = expert_ffn_module._views(w)
+    assert expert_ffn_module._views(w) is first
+    key = id(w)
+    del w, first
+    assert key not in expert_ffn_module._VIEWS
+
+
+def test_int4_generic_lanes_without_avx512():
+    """The int4 GEMV compiled for a generic x86-64 target (no lookup-table shuffle) gives dequant(W) x."""
+    code = (
+        "import numpy as np, torch\n"
+        "from moe.cpu_kernels import quantize\n"
+        "from moe.cpu_kernels import int4_gemv as G\n"
+        "assert not G._PERMUTE_LUT\n"
+        "q = quantize(torch.randn(13, 392), 'int4', group_size=128)\n"
+        "x = np.random.default_rng(0).standard_normal(392).astype(np.float32)\n"
+        "xp = np.empty_like(x); xs = np.empty(4, np.float32); G.permute_x(x, 128, xp, xs)\n"
+        "p = q.packed_RB.numpy(); out = np.empty(13, np.float32)\n"
+        "G.gemv_int4(xp, x, xs, p, p.view(np.int32), q.scale_RG.numpy(), out, 0, 13, 0)\n"
+        "ref = (q.dequantize() @ torch.from_numpy(x)).numpy()\n"
+        "np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)\n"
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="generic")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
