@@ -6,6 +6,8 @@ trace (see comms.replay for the exact model) and compares, side by side:
   baseline   contiguous experts, tokens stay home (the usual EP layout)
   shuffle    contiguous experts + token shuffling
   grouping   fitted grouping, tokens stay home
+  balanced   a layout fitted for load balance alone (tokens stay home): the imbalance a
+             layout fitted on this profile can reach on the measured trace, for reference
   ours       fitted grouping + token shuffling
   oracle     fitted grouping, every token already on its top-1 expert's rank before each
              layer (perfect speculation; the moves are paid for at the combine)
@@ -184,8 +186,11 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
     shuffle_cfg, tried = select_shuffle(grouped, prof_ids, prof_starts, config)
     shuf_c = TransitionShuffler(contiguous, prof_ids, shuffle_cfg, prof_starts)
     shuf_g = TransitionShuffler(grouped, prof_ids, shuffle_cfg, prof_starts)
+    balanced = fit_grouped_placement(prof_ids, E, R, replace(config.grouping, load_cap=1.0, intra_weight=0.0,
+                                                             inter_weight=0.0))
     runs = {
         "baseline": (contiguous, None), "shuffle": (contiguous, shuf_c), "grouping": (grouped, None),
+        "balanced": (balanced, None),
         "ours": (grouped, shuf_g), "oracle": (grouped, "oracle"),
         "hindsight": (grouped, _Hindsight(grouped, ids_TLK, shuffle_cfg.history)),
     }
@@ -214,6 +219,7 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             "naive_baseline_bytes": rows["baseline"]["naive_bytes"], "lar_baseline": rows["baseline"]["lar"],
             "lar": ours["lar"], "imbalance": ours["imbalance"],
             "imbalance_baseline": rows["baseline"]["imbalance"], "reduction": ours["reduction"],
+            "imbalance_balanced": rows["balanced"]["imbalance"],
             "grouping_bytes": rows["grouping"]["bytes"], "oracle_bytes": oracle["bytes"],
             "hindsight_bytes": rows["hindsight"]["bytes"], "spec_hit": ours["spec_hit"],
             "share_of_oracle": (base_bytes - ours["bytes"]) / bound_gain if bound_gain > 0 else None,
@@ -235,7 +241,8 @@ def format_report(res: dict) -> str:
         f"placement and predictor fitted on {res['profile_tokens']} profile tokens",
         f"{'':10} {'KB/tok/layer':>12} {'reduction':>9} {'LAR':>6} {'imbal':>6} {'worst':>6} {'spec ok':>7}",
     ]
-    labels = {"baseline": "baseline", "shuffle": "shuffle", "grouping": "grouping", "ours": "grp+shuf",
+    labels = {"baseline": "baseline", "shuffle": "shuffle", "grouping": "grouping", "balanced": "balanced",
+              "ours": "grp+shuf",
               "oracle": "oracle", "hindsight": "hindsight", "replicas": "+replicas"}
     for name, r in res["rows"].items():
         hit = f"{r['spec_hit']:.3f}" if r["spec_hit"] is not None else "-"

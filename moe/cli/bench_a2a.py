@@ -61,6 +61,11 @@ def run(args) -> int:
     from moe.comms.replay import ReplayConfig
     from moe.comms.shuffle import ShuffleConfig
     from moe.router_predictor.trace import load_trace
+    import torch
+
+    # Thousands of small tensor ops: a thread pool only adds wake-ups, and on a busy box
+    # its spinning threads stretch a few seconds of work to a minute.
+    torch.set_num_threads(1)
 
     config = A2ABenchConfig(
         ranks=args.ranks,

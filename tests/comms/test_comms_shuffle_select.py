@@ -204,7 +204,7 @@ def test_kernel_matches_a_per_token_loop():
 
 
 def test_replicas_row_is_apart_from_the_headline():
-    """The replicas row is reported apart; the headline bytes stay those of grouping + shuffling."""
+    """The replicas and balanced rows are reported apart; the headline bytes stay those of grouping + shuffling."""
     def trace(seed):
         return RoutingTrace(expert_ids=_random_ids(40, 3, 8, 2, seed=seed), seq_starts=torch.tensor([0, 40]),
                             num_experts=8, top_k=2)
@@ -212,4 +212,5 @@ def test_replicas_row_is_apart_from_the_headline():
                                                            kernel_decays=(1.0,), replicas=1))
     assert res["summary"]["bytes"] == res["rows"]["ours"]["bytes"]
     assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
+    assert res["summary"]["imbalance_balanced"] == res["rows"]["balanced"]["imbalance"]
     assert "replicas" not in run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, replicas=0))["rows"]
