@@ -63,10 +63,6 @@ def run(args) -> int:
     from moe.router_predictor.trace import load_trace
     import torch
 
-    # Thousands of small tensor ops: a thread pool only adds wake-ups, and on a busy box
-    # its spinning threads stretch a few seconds of work to a minute.
-    torch.set_num_threads(1)
-
     config = A2ABenchConfig(
         ranks=args.ranks,
         replay=ReplayConfig(hidden_size=args.hidden_size, home=args.home),
@@ -76,7 +72,14 @@ def run(args) -> int:
         decode=args.decode,
         replicas=args.replicas,
     )
-    res = run_a2a_bench(load_trace(args.profile), load_trace(args.trace), config)
+    # Thousands of small tensor ops: a thread pool only adds wake-ups, and on a busy box
+    # its spinning threads stretch a few seconds of work to a minute.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_a2a_bench(load_trace(args.profile), load_trace(args.trace), config)
+    finally:
+        torch.set_num_threads(threads)
     if args.save_placement:
         ExpertPlacement.from_json(res["placement"]).save(args.save_placement)
     if not args.json:
