@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe.comms.a2a_bench import A2ABenchConfig, _halves, _label, run_a2a_bench, select_shuffle
+from moe.comms.a2a_bench import A2ABenchConfig, _halves, _label, imbalance_spread, run_a2a_bench, select_shuffle
 from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement, load_shares
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, replay
@@ -214,3 +214,13 @@ def test_replicas_row_is_apart_from_the_headline():
     assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
     assert res["summary"]["imbalance_balanced"] == res["rows"]["balanced"]["imbalance"]
     assert "replicas" not in run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, replicas=0))["rows"]
+
+
+def test_imbalance_spread_is_bootstrap_noise():
+    """Identical tokens have no sampling noise; varied tokens have some; replicated layouts report 0."""
+    pl = ExpertPlacement.contiguous(2, 8, 4)
+    same = torch.tensor([[[0, 3], [5, 6]]] * 20, dtype=torch.int16)
+    assert imbalance_spread(pl, same) == 0.0
+    assert imbalance_spread(pl, _random_ids(40, 2, 8, 2, seed=2)) > 0.0
+    replicated = pl.with_replicas(torch.ones(2, 8), 1)
+    assert imbalance_spread(replicated, _random_ids(40, 2, 8, 2, seed=2)) == 0.0
