@@ -2,7 +2,8 @@
 
 Shape key: D model dim, F expert hidden dim, C chunks (threads).
 
-    x_D  float32, or bf16 bits (uint16)        y_D  same kind as x_D
+    x_1D [1, D] float32 | bits_1D [1, D] int16 (bf16 bit patterns): the token, in one
+         of the two (the other is passed empty, shape [1, 0]); y in the same kind
     w13  [2F, D] (gate rows, then up rows)     w2   [D, F]
     bf16: uint16 bits; int8: q + per-row scale; int4 (group 128): packed bytes, the same
     bytes viewed as int32 words, group scales (int4_gemv.py)
@@ -19,13 +20,17 @@ call does everything, with at most one thread-pool launch:
 
 Splitting w2 by columns lets every chunk finish on its own hidden units, so the chunks
 need no barrier between the two matmuls. Each weight byte is still read exactly once.
-``parallel`` False runs the chunks on the calling thread (no pool launch), with C = 1.
+
+Each format has two entry points: ``decode_<fmt>`` runs on the calling thread (C = 1,
+no pool launch) and ``decode_<fmt>_pool`` runs C chunks with one prange. The token
+travels as two arrays of fixed types rather than one of either type, and gate and up
+rows share one GEMV call site, because every distinct compiled copy of the GEMV loops
+costs seconds of compile time on first use (numba re-optimises callees per caller).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import prange, types
-from numba.extending import overload
+from numba import prange
 
 from .gemv import gemv_bf16, gemv_int8
 from .int4_gemv import GROUP as INT4_GROUP
@@ -33,45 +38,43 @@ from .int4_gemv import gemv_int4, permute_x
 from .numba_util import njit_kernel
 from .tiles import bf16_to_f32, f32_to_bf16
 
-__all__ = ["ALIGN", "decode_bf16", "decode_int8", "decode_int4"]
+__all__ = ["ALIGN", "decode_bf16", "decode_int8", "decode_int4", "decode_bf16_pool", "decode_int8_pool",
+           "decode_int4_pool", "NO_X", "NO_BITS"]
 
 # Hidden units per split unit: a multiple of the int4 group (w2 windows start on a
 # group) and of a 64-byte line of int8.
 ALIGN = 128
 
-
-def _widen(src_D, dst_D):
-    """dst_D (float32) = src_D (float32, or bf16 bits as uint16)."""
-
-
-@overload(_widen)
-def _widen_impl(src_D, dst_D):
-    if src_D.dtype == types.uint16:
-        def impl(src_D, dst_D):
-            for d in range(src_D.shape[0]):
-                dst_D[d] = bf16_to_f32(src_D[d])
-        return impl
-
-    def impl(src_D, dst_D):
-        dst_D[:] = src_D
-    return impl
+# The unused one of (x_1D, bits_1D) / (y_1D, ybits_1D).
+NO_X = np.empty((1, 0), np.float32)
+NO_BITS = np.empty((1, 0), np.int16)
 
 
-def _store(acc_D, dst_D):
-    """dst_D (float32, or bf16 bits rounded to nearest even) = acc_D (float32)."""
+@njit_kernel(parallel=False)
+def _load_x(x_1D, bits_1D, D):
+    """The token as float32 [D], from x_1D or (if not empty) the bf16 bits bits_1D."""
+    if bits_1D.shape[1] == 0:
+        return x_1D[0].copy()
+    xf_D = np.empty(D, np.float32)
+    b_D = bits_1D[0]
+    for d in range(D):
+        xf_D[d] = bf16_to_f32(np.uint16(b_D[d]))
+    return xf_D
 
 
-@overload(_store)
-def _store_impl(acc_D, dst_D):
-    if dst_D.dtype == types.uint16:
-        def impl(acc_D, dst_D):
-            for d in range(acc_D.shape[0]):
-                dst_D[d] = f32_to_bf16(acc_D[d])
-        return impl
-
-    def impl(acc_D, dst_D):
-        dst_D[:] = acc_D
-    return impl
+@njit_kernel(parallel=False)
+def _store_y(yp_CD, y_1D, ybits_1D):
+    """y = sum over chunks of yp_CD, into y_1D or (if not empty) ybits_1D as bf16 bits."""
+    C, D = yp_CD.shape
+    acc_D = yp_CD[0].copy()
+    for c in range(1, C):
+        acc_D += yp_CD[c]
+    if ybits_1D.shape[1] == 0:
+        y_1D[0, :] = acc_D
+    else:
+        b_D = ybits_1D[0]
+        for d in range(D):
+            b_D[d] = np.int16(f32_to_bf16(acc_D[d]))
 
 
 @njit_kernel(parallel=False)
@@ -89,16 +92,6 @@ def _swiglu(gu_2F, h_F, F, lo, hi):
         h_F[f] = g / (np.float32(1.0) + np.exp(-g)) * gu_2F[F + f]
 
 
-@njit_kernel(parallel=False)
-def _sum_chunks(yp_CD, dst_D):
-    """dst_D = sum over chunks of yp_CD (stored as float32 or bf16)."""
-    C, D = yp_CD.shape
-    acc_D = yp_CD[0].copy()
-    for c in range(1, C):
-        acc_D += yp_CD[c]
-    _store(acc_D, dst_D)
-
-
 # ---------------------------------------------------------------- bf16
 
 @njit_kernel(parallel=False)
@@ -108,33 +101,33 @@ def _chunk_bf16(c, nch, x_D, w13, w2, gu_2F, h_F, yp_CD):
     if hi <= lo:
         yp_CD[c, :] = 0.0
         return
-    gemv_bf16(x_D, w13, gu_2F, lo, hi, 0, D)
-    gemv_bf16(x_D, w13, gu_2F, F + lo, F + hi, 0, D)
+    for part in range(2):  # gate rows, then up rows
+        gemv_bf16(x_D, w13, gu_2F, part * F + lo, part * F + hi, 0, D)
     _swiglu(gu_2F, h_F, F, lo, hi)
     gemv_bf16(h_F[lo:hi], w2, yp_CD[c], 0, D, lo, hi - lo)
 
 
-@njit_kernel()
-def _pool_bf16(nch, x_D, w13, w2, gu_2F, h_F, yp_CD):
-    for c in prange(nch):
-        _chunk_bf16(c, nch, x_D, w13, w2, gu_2F, h_F, yp_CD)
-
-
 @njit_kernel(parallel=False)
-def decode_bf16(x_D, w13, w2, y_D, nch, parallel):
-    """y_D = expert(x_D) with bf16 weights (uint16 bits): w13 [2F, D], w2 [D, F]."""
+def decode_bf16(x_1D, bits_1D, w13, w2, y_1D, ybits_1D):
+    """y = expert(x) with bf16 weights (uint16 bits) w13 [2F, D], w2 [D, F]; calling thread."""
     D, F = w2.shape
-    xf_D = np.empty(D, np.float32)
-    _widen(x_D, xf_D)
+    yp_CD = np.empty((1, D), np.float32)
+    _chunk_bf16(0, 1, _load_x(x_1D, bits_1D, D), w13, w2, np.empty(2 * F, np.float32),
+                np.empty(F, np.float32), yp_CD)
+    _store_y(yp_CD, y_1D, ybits_1D)
+
+
+@njit_kernel()
+def decode_bf16_pool(x_1D, bits_1D, w13, w2, y_1D, ybits_1D, nch):
+    """decode_bf16 split into nch chunks on the thread pool."""
+    D, F = w2.shape
+    x_D = _load_x(x_1D, bits_1D, D)
     gu_2F = np.empty(2 * F, np.float32)
     h_F = np.empty(F, np.float32)
-    if parallel:
-        yp_CD = np.empty((nch, D), np.float32)
-        _pool_bf16(nch, xf_D, w13, w2, gu_2F, h_F, yp_CD)
-    else:
-        yp_CD = np.empty((1, D), np.float32)
-        _chunk_bf16(0, 1, xf_D, w13, w2, gu_2F, h_F, yp_CD)
-    _sum_chunks(yp_CD, y_D)
+    yp_CD = np.empty((nch, D), np.float32)
+    for c in prange(nch):
+        _chunk_bf16(c, nch, x_D, w13, w2, gu_2F, h_F, yp_CD)
+    _store_y(yp_CD, y_1D, ybits_1D)
 
 
 # ---------------------------------------------------------------- int8
@@ -146,33 +139,33 @@ def _chunk_int8(c, nch, x_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD):
     if hi <= lo:
         yp_CD[c, :] = 0.0
         return
-    gemv_int8(x_D, q13, s13, gu_2F, lo, hi, 0, D)
-    gemv_int8(x_D, q13, s13, gu_2F, F + lo, F + hi, 0, D)
+    for part in range(2):  # gate rows, then up rows
+        gemv_int8(x_D, q13, s13, gu_2F, part * F + lo, part * F + hi, 0, D)
     _swiglu(gu_2F, h_F, F, lo, hi)
     gemv_int8(h_F[lo:hi], q2, s2, yp_CD[c], 0, D, lo, hi - lo)
 
 
-@njit_kernel()
-def _pool_int8(nch, x_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD):
-    for c in prange(nch):
-        _chunk_int8(c, nch, x_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD)
-
-
 @njit_kernel(parallel=False)
-def decode_int8(x_D, q13, s13, q2, s2, y_D, nch, parallel):
-    """y_D = expert(x_D) with int8 weights: q13 [2F, D], s13 [2F], q2 [D, F], s2 [D]."""
+def decode_int8(x_1D, bits_1D, q13, s13, q2, s2, y_1D, ybits_1D):
+    """y = expert(x) with int8 weights q13 [2F, D], s13 [2F], q2 [D, F], s2 [D]; calling thread."""
     D, F = q2.shape
-    xf_D = np.empty(D, np.float32)
-    _widen(x_D, xf_D)
+    yp_CD = np.empty((1, D), np.float32)
+    _chunk_int8(0, 1, _load_x(x_1D, bits_1D, D), q13, s13, q2, s2, np.empty(2 * F, np.float32),
+                np.empty(F, np.float32), yp_CD)
+    _store_y(yp_CD, y_1D, ybits_1D)
+
+
+@njit_kernel()
+def decode_int8_pool(x_1D, bits_1D, q13, s13, q2, s2, y_1D, ybits_1D, nch):
+    """decode_int8 split into nch chunks on the thread pool."""
+    D, F = q2.shape
+    x_D = _load_x(x_1D, bits_1D, D)
     gu_2F = np.empty(2 * F, np.float32)
     h_F = np.empty(F, np.float32)
-    if parallel:
-        yp_CD = np.empty((nch, D), np.float32)
-        _pool_int8(nch, xf_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD)
-    else:
-        yp_CD = np.empty((1, D), np.float32)
-        _chunk_int8(0, 1, xf_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD)
-    _sum_chunks(yp_CD, y_D)
+    yp_CD = np.empty((nch, D), np.float32)
+    for c in prange(nch):
+        _chunk_int8(c, nch, x_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD)
+    _store_y(yp_CD, y_1D, ybits_1D)
 
 
 # ---------------------------------------------------------------- int4
@@ -185,8 +178,8 @@ def _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F
     if hi <= lo:
         yp_CD[c, :] = 0.0
         return
-    gemv_int4(xp_D, x_D, xsum_G, p13, w13, s13, gu_2F, lo, hi, 0)
-    gemv_int4(xp_D, x_D, xsum_G, p13, w13, s13, gu_2F, F + lo, F + hi, 0)
+    for part in range(2):  # gate rows, then up rows
+        gemv_int4(xp_D, x_D, xsum_G, p13, w13, s13, gu_2F, part * F + lo, part * F + hi, 0)
     _swiglu(gu_2F, h_F, F, lo, hi)
     g_lo = lo // INT4_GROUP
     g_hi = (hi + INT4_GROUP - 1) // INT4_GROUP
@@ -194,31 +187,37 @@ def _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F
     gemv_int4(hp_F[lo:hi], h_F[lo:hi], hsum_G[g_lo:g_hi], p2, w2, s2, yp_CD[c], 0, D, lo)
 
 
-@njit_kernel()
-def _pool_int4(nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD):
-    for c in prange(nch):
-        _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
+@njit_kernel(parallel=False)
+def _int4_scratch(x_D, s13, s2, F):
+    """Permuted token and its group sums (int4_gemv.permute_x), and the hidden buffers."""
+    xp_D = np.empty_like(x_D)
+    xsum_G = np.empty(s13.shape[1], np.float32)
+    permute_x(x_D, INT4_GROUP, xp_D, xsum_G)
+    return (xp_D, xsum_G, np.empty(2 * F, np.float32), np.empty(F, np.float32),
+            np.empty(F, np.float32), np.empty(s2.shape[1], np.float32))
 
 
 @njit_kernel(parallel=False)
-def decode_int4(x_D, p13, w13, s13, p2, w2, s2, y_D, nch, parallel):
-    """y_D = expert(x_D) with int4 weights, group 128: packed p13 [2F, P13] and its int32
-    view w13, scales s13 [2F, G13]; p2 [D, P2], w2, s2 [D, G2] (layout: int4_gemv.py)."""
+def decode_int4(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D):
+    """y = expert(x) with int4 weights, group 128: packed p13 [2F, P13] and its int32 view
+    w13, scales s13 [2F, G13]; p2 [D, P2], w2, s2 [D, G2] (int4_gemv.py); calling thread."""
     D = p2.shape[0]
     F = p13.shape[0] // 2
-    xf_D = np.empty(D, np.float32)
-    _widen(x_D, xf_D)
-    xp_D = np.empty(D, np.float32)
-    xsum_G = np.empty(s13.shape[1], np.float32)
-    permute_x(xf_D, INT4_GROUP, xp_D, xsum_G)
-    gu_2F = np.empty(2 * F, np.float32)
-    h_F = np.empty(F, np.float32)
-    hp_F = np.empty(F, np.float32)
-    hsum_G = np.empty(s2.shape[1], np.float32)
-    if parallel:
-        yp_CD = np.empty((nch, D), np.float32)
-        _pool_int4(nch, xf_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
-    else:
-        yp_CD = np.empty((1, D), np.float32)
-        _chunk_int4(0, 1, xf_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
-    _sum_chunks(yp_CD, y_D)
+    x_D = _load_x(x_1D, bits_1D, D)
+    xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
+    yp_CD = np.empty((1, D), np.float32)
+    _chunk_int4(0, 1, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
+    _store_y(yp_CD, y_1D, ybits_1D)
+
+
+@njit_kernel()
+def decode_int4_pool(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D, nch):
+    """decode_int4 split into nch chunks on the thread pool."""
+    D = p2.shape[0]
+    F = p13.shape[0] // 2
+    x_D = _load_x(x_1D, bits_1D, D)
+    xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
+    yp_CD = np.empty((nch, D), np.float32)
+    for c in prange(nch):
+        _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
+    _store_y(yp_CD, y_1D, ybits_1D)

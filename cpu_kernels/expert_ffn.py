@@ -26,7 +26,6 @@ a cap of one thread, runs on the calling thread without launching numba's thread
 from __future__ import annotations
 
 import threading
-import weakref
 
 import numba
 import numpy as np
@@ -37,12 +36,11 @@ from . import decode as Dk
 from . import expert_ffn_kernels as K
 from .int4_kernels import matmul_int4, matmul_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
-from .numba_util import launch_guard, thread_cap
+from .numba_util import launch_guard, thread_cap, thread_cap_check
 from .quant import Int4Weight, Int8Weight
+from .weight_views import Weight, WeightInfo, weight_info
 
 __all__ = ["expert_ffn", "expert_ffn_reference", "weight_nbytes"]
-
-Weight = torch.Tensor | Int8Weight | Int4Weight
 
 # Intermediate buffers up to this size are kept per thread and reused across calls;
 # larger (prefill) buffers are allocated per call so idle threads do not pin them.
@@ -65,23 +63,6 @@ def _workspace(n: int) -> np.ndarray:
     return buf
 
 
-def _shape(w: Weight, name: str) -> tuple[int, int]:
-    if isinstance(w, (Int8Weight, Int4Weight)):
-        return tuple(w.shape)
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, Int8Weight or Int4Weight, got {type(w).__name__}")
-    if w.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
-    if w.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"{name} must be float32 or bfloat16 (or quantised with quantize()), got {w.dtype}")
-    if w.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got device {w.device}")
-    if not w.is_contiguous():
-        # A contiguous copy of an expert would double its memory traffic; make the caller decide.
-        raise ValueError(f"{name} must be contiguous (row-major [rows, cols]); got strides {w.stride()}")
-    return tuple(w.shape)
-
-
 def weight_nbytes(w: Weight) -> int:
     """Bytes one application of ``w`` reads (dense: numel * itemsize; packed: data + scales)."""
     if isinstance(w, (Int8Weight, Int4Weight)):
@@ -89,65 +70,28 @@ def weight_nbytes(w: Weight) -> int:
     return w.numel() * w.element_size()
 
 
-# id(weight) -> (weak reference to it, its kernel views); an entry leaves with its weight.
-_VIEWS: dict[int, tuple[weakref.ref, tuple]] = {}
-
-
-def _make_views(w: Weight) -> tuple:
-    """(format, numpy views the decode kernels take) for one weight; format None: no decode kernel."""
-    if isinstance(w, Int8Weight):
-        return "int8", (w.q_RC.numpy(), w.scale_R.numpy())
-    if isinstance(w, Int4Weight):
-        p_RP = w.packed_RB.numpy()
-        if w.group_size != Dk.INT4_GROUP or p_RP.shape[1] % 4:
-            return None, ()
-        return "int4", (p_RP, p_RP.view(np.int32), w.scale_RG.numpy())
-    if w.dtype == torch.bfloat16:
-        return "bf16", (w.detach().view(torch.int16).numpy().view(np.uint16),)
-    return None, ()
-
-
-def _views(w: Weight) -> tuple:
-    """_make_views(w), made once per weight object (the runtime applies each expert many times)."""
-    key = id(w)
-    hit = _VIEWS.get(key)
-    if hit is not None and hit[0]() is w:
-        return hit[1]
-    views = _make_views(w)
-
-    def forget(ref, key=key):
-        entry = _VIEWS.get(key)
-        if entry is not None and entry[0] is ref:
-            del _VIEWS[key]
-
-    try:
-        _VIEWS[key] = (weakref.ref(w, forget), views)
-    except TypeError:  # not weak-referenceable: use the views without caching them
-        pass
-    return views
-
-
-def _decode(x_TD: torch.Tensor, w13: Weight, w2: Weight, y_TD: torch.Tensor) -> bool:
-    """The fused T == 1 path (decode.py) when both weights have a decode kernel; False otherwise."""
-    fmt, v13 = _views(w13)
-    fmt2, v2 = _views(w2)
-    if fmt is None or fmt2 != fmt:
-        return False
-    if x_TD.dtype == torch.bfloat16:
-        x_D = x_TD[0].view(torch.int16).numpy().view(np.uint16)
-        y_D = y_TD[0].view(torch.int16).numpy().view(np.uint16)
+def _decode(x_TD: torch.Tensor, i13: WeightInfo, i2: WeightInfo, y_TD: torch.Tensor,
+            num_threads: int | None) -> None:
+    """The fused T == 1 path (decode.py); both weights have the decode format i13.fmt."""
+    if x_TD.dtype == torch.bfloat16:  # bf16 bits travel as int16 (no widened copy)
+        io = (Dk.NO_X, x_TD.view(torch.int16).numpy())
+        out = (Dk.NO_X, y_TD.view(torch.int16).numpy())
     else:
-        x_D, y_D = x_TD[0].numpy(), y_TD[0].numpy()
-    nthreads = numba.get_num_threads()
-    parallel = nthreads > 1 and weight_nbytes(w13) + weight_nbytes(w2) >= SERIAL_BYTES
-    nch = nthreads if parallel else 1
-    if fmt == "bf16":
-        Dk.decode_bf16(x_D, v13[0], v2[0], y_D, nch, parallel)
-    elif fmt == "int8":
-        Dk.decode_int8(x_D, v13[0], v13[1], v2[0], v2[1], y_D, nch, parallel)
-    else:
-        Dk.decode_int4(x_D, *v13, *v2, y_D, nch, parallel)
-    return True
+        io = (x_TD.numpy(), Dk.NO_BITS)
+        out = (y_TD.numpy(), Dk.NO_BITS)
+    args = io + i13.views + i2.views + out
+    kernels = _DECODE[i13.fmt]
+    nthreads = numba.get_num_threads() if num_threads is None else num_threads
+    if nthreads > 1 and i13.nbytes + i2.nbytes >= SERIAL_BYTES:
+        with thread_cap(num_threads), launch_guard():
+            kernels[1](*args, nthreads)
+    else:  # on the calling thread: no launch, so no thread cap or launch lock either
+        kernels[0](*args)
+
+
+# decode format -> (calling-thread kernel, thread-pool kernel)
+_DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8, Dk.decode_int8_pool),
+           "int4": (Dk.decode_int4, Dk.decode_int4_pool)}
 
 
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
@@ -181,18 +125,20 @@ def _matmul_serial(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
         K.rows_f32(x_TK, w.detach().numpy(), out_TR, 0, R)
 
 
-def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None) -> tuple[int, int, int]:
+def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight,
+           out: torch.Tensor | None) -> tuple[int, int, int, WeightInfo, WeightInfo]:
     if not isinstance(x_TD, torch.Tensor):
         raise TypeError(f"x_TD must be a torch.Tensor, got {type(x_TD).__name__}")
     if x_TD.dim() != 2:
         raise ValueError(f"x_TD must be 2-D [tokens, model_dim], got shape {tuple(x_TD.shape)}")
     if x_TD.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"x_TD must be float32 or bfloat16, got {x_TD.dtype}")
-    if x_TD.device.type != "cpu":
+    if not x_TD.is_cpu:
         raise ValueError(f"x_TD must be on the CPU, got device {x_TD.device}")
     T, D = x_TD.shape
-    r13, c13 = _shape(w13, "w13")
-    r2, c2 = _shape(w2, "w2")
+    i13, i2 = weight_info(w13, "w13"), weight_info(w2, "w2")
+    r13, c13 = i13.shape
+    r2, c2 = i2.shape
     if r13 % 2:
         raise ValueError(f"w13 must stack gate and up rows, [2F, D], with an even row count; got {r13} rows")
     F_ = r13 // 2
@@ -203,12 +149,12 @@ def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if tuple(out.shape) != (T, D) or out.dtype != x_TD.dtype or out.device.type != "cpu":
+        if out.shape != (T, D) or out.dtype != x_TD.dtype or not out.is_cpu:
             raise ValueError(f"out must be a CPU {x_TD.dtype} tensor of shape ({T}, {D}); "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    return T, D, F_
+    return T, D, F_, i13, i2
 
 
 def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None = None, *,
@@ -222,17 +168,20 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
     (None: the thread's current numba setting, by default all cores). Inference only:
     no autograd.
     """
-    T, D, F_ = _check(x_TD, w13, w2, out)
+    T, D, F_, i13, i2 = _check(x_TD, w13, w2, out)
     y_TD = out if out is not None else torch.empty((T, D), dtype=x_TD.dtype)
     if T == 0 or D == 0:
         return y_TD
     if F_ == 0:  # no hidden units: the expert maps everything to zero
         return y_TD.zero_()
-    x_TD = x_TD.detach().contiguous()
-    if T == 1:
-        with thread_cap(num_threads), launch_guard():
-            if _decode(x_TD, w13, w2, y_TD):
-                return y_TD
+    if x_TD.requires_grad:
+        x_TD = x_TD.detach()
+    x_TD = x_TD.contiguous()
+    if T == 1 and i13.fmt is not None and i13.fmt == i2.fmt:
+        if num_threads is not None:
+            thread_cap_check(num_threads)
+        _decode(x_TD, i13, i2, y_TD, num_threads)
+        return y_TD
     bf16 = x_TD.dtype == torch.bfloat16
     # Layout of the workspace: gu_T2F | h_TF | (bf16 only) xf_TD | yf_TD.
     n_mid = T * 3 * F_
@@ -264,7 +213,7 @@ def _dense_f32(w: Weight) -> torch.Tensor:
 
 def expert_ffn_reference(x_TD: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
     """Plain-torch definition of `expert_ffn` (fp32 math; quantised weights dequantised)."""
-    T, D, F_ = _check(x_TD, w13, w2, None)
+    T, D, F_, _, _ = _check(x_TD, w13, w2, None)
     w13_2FD, w2_DF = _dense_f32(w13), _dense_f32(w2)
     gu_T2F = x_TD.to(torch.float32) @ w13_2FD.T
     h_TF = F.silu(gu_T2F[:, :F_]) * gu_T2F[:, F_:]

@@ -16,27 +16,87 @@ Decode is memory-bound, so the loops are shaped for the memory system, measured 
   prefetch moves on to the same offset of the next block of four rows. The hardware
   prefetcher restarts at every row (and every 4 KiB page), which cost up to ~30% on the
   short rows of small experts (DeepSeek-V2-Lite: 1408 columns);
-* rows are walked in steps of STEP_BYTES: LLVM reduces its vector accumulators to a
-  scalar once per step, so long steps keep that cost small, and the step is compiled
-  for 512-bit vectors (tiles.wide_vectors).
+* the dot products run in 16 fp32 lanes per row, written as explicit vector IR
+  (`_step4`: 4 rows x 64 columns per call) that keep their partial sums across the
+  whole row and are reduced once at its end. LLVM's own vectorisation of the same
+  scalar loop reduced to a scalar every step and needed a fully unrolled 256-column
+  step to amortise that, which made each compiled copy of the loop cost seconds of
+  compile time; this form compiles small and runs at least as fast.
 
-int8 is widened int8 -> int32 -> fp32 in the vector lanes (vpmovsxbd + vcvtdq2ps +
-vfmadd) and the row scale is applied once per row after the fp32 dot product.
+Widening in the lanes: int8 -> int32 -> fp32 (vpmovsxbd + vcvtdq2ps); bf16 bits
+<< 16 reinterpreted as fp32 (exact). The int8 row scale is applied once per row after
+the fp32 dot product.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic
+
 from .numba_util import njit_kernel
-from .tiles import bf16_to_f32 as _bf16_to_f32
 from .tiles import prefetch as _prefetch
 from .tiles import wide_vectors as _wide_vectors
 
-__all__ = ["gemv_bf16", "gemv_int8", "prefetch_rows4", "PF_BYTES", "STEP_BYTES"]
+__all__ = ["gemv_bf16", "gemv_int8", "prefetch_rows4", "PF_BYTES", "STEP"]
 
-STEP_BYTES = 256
-PF_BYTES = 1024
+STEP = 64  # columns per _step4 call: one 64-byte line of int8 per row, two of bf16
+PF_BYTES = 1024  # how far ahead each row stream is prefetched (512..2048 measured alike)
 _LINE = 64
+_LANES = 16
+
+
+@intrinsic
+def _step4(typingctx, w_flat, wi, S, x_N, xi, acc_4L):
+    """acc_4L[16j:16j+16] += widen(w_flat[wi + jS + k]) * x_N[xi + k] lane-wise over
+    k = 0..63 (lane k % 16), for rows j = 0..3; w_flat int8 or bf16 bits (uint16).
+
+    Generic vector IR (no target intrinsics); callers keep every index in bounds.
+    """
+    if not (isinstance(w_flat, types.Array) and w_flat.dtype in (types.int8, types.uint16)):
+        return None
+    sig = types.none(w_flat, wi, S, x_N, xi, acc_4L)
+
+    def codegen(context, builder, signature, args):
+        w_arr, wi_v, s_v, x_arr, xi_v, a_arr = args
+        w_ty = signature.args[0]
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        vi, vf = ir.VectorType(i32, _LANES), ir.VectorType(f32, _LANES)
+        welt = ir.IntType(8) if w_ty.dtype == types.int8 else ir.IntType(16)
+        vw = ir.VectorType(welt, _LANES)
+        fast = ("contract",)
+
+        def ptr(arr_ty, arr, index, vty):
+            ary = context.make_array(arr_ty)(context, builder, arr)
+            return builder.bitcast(builder.gep(ary.data, [index]), vty.as_pointer())
+
+        def idx(value, ty, extra=0):
+            v = context.cast(builder, value, ty, types.intp)
+            return builder.add(v, ir.Constant(v.type, extra)) if extra else v
+
+        x_ty, a_ty = signature.args[3], signature.args[5]
+        wbase = idx(wi_v, signature.args[1])
+        stride = idx(s_v, signature.args[2])
+        xs = [builder.load(ptr(x_ty, x_arr, idx(xi_v, signature.args[4], _LANES * v), vf), align=4)
+              for v in range(STEP // _LANES)]
+        for j in range(4):
+            aptr = ptr(a_ty, a_arr, ir.Constant(wbase.type, _LANES * j), vf)
+            acc = builder.load(aptr, align=4)
+            row = builder.add(wbase, builder.mul(stride, ir.Constant(wbase.type, j)))
+            for v in range(STEP // _LANES):
+                wv = builder.load(ptr(w_ty, w_arr, builder.add(row, ir.Constant(row.type, _LANES * v)), vw),
+                                  align=1)
+                if w_ty.dtype == types.int8:
+                    wf = builder.sitofp(builder.sext(wv, vi), vf)
+                else:  # bf16: the bits are the top half of the fp32 pattern
+                    wide = builder.shl(builder.zext(wv, vi), ir.Constant(vi, [16] * _LANES))
+                    wf = builder.bitcast(wide, vf)
+                acc = builder.fadd(acc, builder.fmul(wf, xs[v], flags=fast), flags=fast)
+            builder.store(acc, aptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit_kernel(parallel=False)
@@ -58,100 +118,66 @@ def prefetch_rows4(flat, S, r, k, n, c0, dist, span, line):
         _prefetch(flat, b + 3 * S + j)
 
 
+@intrinsic
+def _widen(typingctx, v):
+    """A weight element as float32: an int8 value, or bf16 bits (uint16) exactly."""
+    if v not in (types.int8, types.uint16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        if signature.args[0] == types.int8:
+            return builder.sitofp(args[0], ir.FloatType())
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(v), codegen
+
+
 @njit_kernel(parallel=False)
-def gemv_bf16(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
-    """out_R[r] = widen(w_RS[r, c0:c0+n]) . x_N for r in r_lo:r_hi (w_RS: bf16 bits, uint16)."""
+def _gemv_rows(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
+    """out_R[r] = widen(w_RS[r, c0:c0+n]) . x_N for r in r_lo:r_hi, unscaled."""
     _wide_vectors()
     S = w_RS.shape[1]
     flat = w_RS.ravel()
-    step = STEP_BYTES // 2
-    line = _LINE // 2
-    dist = PF_BYTES // 2
-    nb = n // step
+    esize = w_RS.itemsize
+    line = _LINE // esize
+    dist = PF_BYTES // esize
+    nb = n // STEP
+    acc_4L = np.zeros(4 * _LANES, np.float32)
     r = r_lo
     while r + 4 <= r_hi:
-        w0 = w_RS[r, c0:c0 + n]
-        w1 = w_RS[r + 1, c0:c0 + n]
-        w2 = w_RS[r + 2, c0:c0 + n]
-        w3 = w_RS[r + 3, c0:c0 + n]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
+        acc_4L[:] = 0.0
+        base = r * S + c0
         for b in range(nb):
-            k0 = b * step
-            prefetch_rows4(flat, S, r, k0, n, c0, dist, step, line)
-            x_B = x_N[k0:k0 + step]
-            v0 = w0[k0:k0 + step]
-            v1 = w1[k0:k0 + step]
-            v2 = w2[k0:k0 + step]
-            v3 = w3[k0:k0 + step]
-            for k in range(step):
-                v = x_B[k]
-                a0 += _bf16_to_f32(v0[k]) * v
-                a1 += _bf16_to_f32(v1[k]) * v
-                a2 += _bf16_to_f32(v2[k]) * v
-                a3 += _bf16_to_f32(v3[k]) * v
-        for k in range(nb * step, n):
-            v = x_N[k]
-            a0 += _bf16_to_f32(w0[k]) * v
-            a1 += _bf16_to_f32(w1[k]) * v
-            a2 += _bf16_to_f32(w2[k]) * v
-            a3 += _bf16_to_f32(w3[k]) * v
-        out_R[r] = a0
-        out_R[r + 1] = a1
-        out_R[r + 2] = a2
-        out_R[r + 3] = a3
+            prefetch_rows4(flat, S, r, b * STEP, n, c0, dist, STEP, line)
+            _step4(flat, base + b * STEP, S, x_N, b * STEP, acc_4L)
+        for j in range(4):
+            w_n = w_RS[r + j, c0:c0 + n]
+            a = np.float32(0.0)
+            for k in range(nb * STEP, n):
+                a += _widen(w_n[k]) * x_N[k]
+            for i in range(_LANES):
+                a += acc_4L[j * _LANES + i]
+            out_R[r + j] = a
         r += 4
     for r in range(r, r_hi):
-        w0 = w_RS[r, c0:c0 + n]
-        a0 = np.float32(0.0)
+        w_n = w_RS[r, c0:c0 + n]
+        a = np.float32(0.0)
         for k in range(n):
-            a0 += _bf16_to_f32(w0[k]) * x_N[k]
-        out_R[r] = a0
+            a += _widen(w_n[k]) * x_N[k]
+        out_R[r] = a
+
+
+@njit_kernel(parallel=False)
+def gemv_bf16(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
+    """out_R[r] = widen(w_RS[r, c0:c0+n]) . x_N for r in r_lo:r_hi (w_RS: bf16 bits, uint16)."""
+    _gemv_rows(x_N, w_RS, out_R, r_lo, r_hi, c0, n)
 
 
 @njit_kernel(parallel=False)
 def gemv_int8(x_N, q_RS, scale_R, out_R, r_lo, r_hi, c0, n):
     """out_R[r] = scale_R[r] * (q_RS[r, c0:c0+n] . x_N) for r in r_lo:r_hi."""
-    _wide_vectors()
-    S = q_RS.shape[1]
-    flat = q_RS.ravel()
-    step = STEP_BYTES
-    nb = n // step
-    r = r_lo
-    while r + 4 <= r_hi:
-        q0 = q_RS[r, c0:c0 + n]
-        q1 = q_RS[r + 1, c0:c0 + n]
-        q2 = q_RS[r + 2, c0:c0 + n]
-        q3 = q_RS[r + 3, c0:c0 + n]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for b in range(nb):
-            k0 = b * step
-            prefetch_rows4(flat, S, r, k0, n, c0, PF_BYTES, step, _LINE)
-            x_B = x_N[k0:k0 + step]
-            v0 = q0[k0:k0 + step]
-            v1 = q1[k0:k0 + step]
-            v2 = q2[k0:k0 + step]
-            v3 = q3[k0:k0 + step]
-            for k in range(step):
-                v = x_B[k]
-                a0 += np.float32(v0[k]) * v
-                a1 += np.float32(v1[k]) * v
-                a2 += np.float32(v2[k]) * v
-                a3 += np.float32(v3[k]) * v
-        for k in range(nb * step, n):
-            v = x_N[k]
-            a0 += np.float32(q0[k]) * v
-            a1 += np.float32(q1[k]) * v
-            a2 += np.float32(q2[k]) * v
-            a3 += np.float32(q3[k]) * v
-        # The row scale factors out of the dot product: one multiply per row.
-        out_R[r] = a0 * scale_R[r]
-        out_R[r + 1] = a1 * scale_R[r + 1]
-        out_R[r + 2] = a2 * scale_R[r + 2]
-        out_R[r + 3] = a3 * scale_R[r + 3]
-        r += 4
-    for r in range(r, r_hi):
-        q0 = q_RS[r, c0:c0 + n]
-        a0 = np.float32(0.0)
-        for k in range(n):
-            a0 += np.float32(q0[k]) * x_N[k]
-        out_R[r] = a0 * scale_R[r]
+    _gemv_rows(x_N, q_RS, out_R, r_lo, r_hi, c0, n)
+    # The row scale factors out of the dot product: one multiply per row.
+    for r in range(r_lo, r_hi):
+        out_R[r] *= scale_R[r]

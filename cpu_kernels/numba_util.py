@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 
 import numba
 
-__all__ = ["njit_kernel", "thread_cap", "launch_guard", "max_threads"]
+__all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "max_threads"]
 
 _launch_lock = threading.Lock()
 # None until the first launch has picked a layer; then True when launches must be serialised.
@@ -76,6 +76,15 @@ def max_threads() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
+def thread_cap_check(num_threads: int) -> None:
+    """Raise unless ``num_threads`` is a valid cap (an int in 1..max_threads())."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads must be an int or None, got {num_threads!r}")
+    limit = max_threads()
+    if not 1 <= num_threads <= limit:
+        raise ValueError(f"num_threads must be in 1..{limit} (NUMBA_NUM_THREADS), got {num_threads}")
+
+
 @contextlib.contextmanager
 def thread_cap(num_threads: int | None) -> Iterator[None]:
     """Run the body with at most ``num_threads`` numba threads in the *calling* thread.
@@ -86,11 +95,7 @@ def thread_cap(num_threads: int | None) -> Iterator[None]:
     if num_threads is None:
         yield
         return
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
-        raise TypeError(f"num_threads must be an int or None, got {num_threads!r}")
-    limit = max_threads()
-    if not 1 <= num_threads <= limit:
-        raise ValueError(f"num_threads must be in 1..{limit} (NUMBA_NUM_THREADS), got {num_threads}")
+    thread_cap_check(num_threads)
     previous = numba.get_num_threads()
     numba.set_num_threads(num_threads)
     try:

@@ -12,8 +12,10 @@ from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
 from moe.cpu_kernels import decode as Dk
 from moe.cpu_kernels.gemv import gemv_bf16, gemv_int8
 from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
+from moe.cpu_kernels.weight_views import weight_info
 
 expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
+weight_views = importlib.import_module("moe.cpu_kernels.weight_views")
 
 # (R rows, S columns, c0, n): whole rows, windows starting on a 128-column boundary,
 # row counts that are not a multiple of 4, windows shorter than a GEMV step or a group,
@@ -96,16 +98,17 @@ def test_decode_kernel_matches_reference(D, F, fmt, nch, parallel, x_dtype):
     w13, w2 = _weights(D, F, fmt)
     x_TD = torch.randn(1, D).to(x_dtype)
     y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
-    fmt_, v13 = expert_ffn_module._views(w13)
-    _, v2 = expert_ffn_module._views(w2)
-    assert fmt_ == fmt
+    i13, i2 = weight_info(w13, "w13"), weight_info(w2, "w2")
+    assert i13.fmt == i2.fmt == fmt
     if x_dtype == torch.bfloat16:
-        x_D = x_TD[0].view(torch.int16).numpy().view(np.uint16)
-        y_D = y_TD[0].view(torch.int16).numpy().view(np.uint16)
+        io = (Dk.NO_X, x_TD.view(torch.int16).numpy()), (Dk.NO_X, y_TD.view(torch.int16).numpy())
     else:
-        x_D, y_D = x_TD[0].numpy(), y_TD[0].numpy()
-    kernel = {"bf16": Dk.decode_bf16, "int8": Dk.decode_int8, "int4": Dk.decode_int4}[fmt]
-    kernel(x_D, *v13, *v2, y_D, nch, parallel)
+        io = (x_TD.numpy(), Dk.NO_BITS), (y_TD.numpy(), Dk.NO_BITS)
+    args = io[0] + i13.views + i2.views + io[1]
+    if parallel:
+        getattr(Dk, f"decode_{fmt}_pool")(*args, nch)
+    else:
+        getattr(Dk, f"decode_{fmt}")(*args)
     tol = dict(rtol=1e-4, atol=1e-5) if x_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-3)
     torch.testing.assert_close(y_TD, expert_ffn_reference(x_TD, w13, w2), **tol)
 
@@ -116,9 +119,9 @@ def test_expert_ffn_takes_decode_path(fmt, serial_bytes, monkeypatch):
     """expert_ffn at T == 1 runs the fused kernel (pool or calling thread) and matches the reference."""
     monkeypatch.setattr(expert_ffn_module, "SERIAL_BYTES", serial_bytes)
     calls = []
-    name = f"decode_{fmt}"
-    real = getattr(Dk, name)
-    monkeypatch.setattr(Dk, name, lambda *a: (calls.append(a[-1]), real(*a)))
+    serial, pool = expert_ffn_module._DECODE[fmt]
+    monkeypatch.setitem(expert_ffn_module._DECODE, fmt, (lambda *a: (calls.append(False), serial(*a)),
+                                                         lambda *a: (calls.append(True), pool(*a))))
     w13, w2 = _weights(264, 136, fmt)
     x_TD = torch.randn(1, 264)
     torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2),
@@ -137,14 +140,27 @@ def test_mixed_or_unsupported_formats_fall_back():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_views_are_cached_per_weight_and_released():
-    """A weight's kernel views are made once and dropped when the weight is freed."""
-    w = quantize(torch.randn(8, 256), "int8")
-    first = expert_ffn_module._views(w)
-    assert expert_ffn_module._views(w) is first
+def test_weight_info_is_cached_per_weight_rebuilt_and_released():
+    """A weight's info is made once, rebuilt when its storage changes, and dropped with the weight."""
+    w = torch.randn(8, 256).bfloat16()
+    first = weight_info(w, "w")
+    assert weight_info(w, "w") is first
+    w.set_(torch.randn(8, 256).bfloat16())
+    second = weight_info(w, "w")
+    assert second is not first and second.views[0].ctypes.data == w.data_ptr()
     key = id(w)
-    del w, first
-    assert key not in expert_ffn_module._VIEWS
+    del w, first, second
+    assert key not in weight_views._CACHE
+
+
+def test_expert_ffn_sees_a_swapped_storage():
+    """After set_() on a weight, expert_ffn reads the new values, not stale cached views."""
+    w13, w2 = _weights(160, 96, "bf16")
+    x_TD = torch.randn(1, 160)
+    expert_ffn(x_TD, w13, w2)
+    w13.set_(torch.randn(192, 160).bfloat16())
+    torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_int4_generic_lanes_without_avx512():
