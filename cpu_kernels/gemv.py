@@ -100,22 +100,32 @@ def _step4(typingctx, w_flat, wi, S, x_N, xi, acc_4L):
 
 
 @njit_kernel(parallel=False)
-def prefetch_rows4(flat, S, r, k, n, c0, dist, span, line):
-    """Prefetch elements k + dist .. k + dist + span of the window of rows r..r+3 (flat:
-    W raveled, row stride S), one hint per ``line`` elements; past the window's end, the
-    same offsets of rows r+4..r+7. The start is clamped so that no hint points outside
-    the array (needs 4 rows and span <= S, as in every 4-row pass)."""
+def prefetch_rows4(flat, S, r, k, n, c0, dist):
+    """Prefetch the line holding element k + dist of the window of rows r..r+3 (flat: W
+    raveled, row stride S); past the window's end, the same offset of rows r+4..r+7.
+    The start is clamped so that no hint points outside the array (needs 4 rows)."""
     kp = k + dist
     rp = r
     if kp >= n:
         kp -= n
         rp += 4
-    b = max(0, min(rp * S + c0 + kp, flat.shape[0] - 3 * S - span))
-    for j in range(0, span, line):
-        _prefetch(flat, b + j)
-        _prefetch(flat, b + S + j)
-        _prefetch(flat, b + 2 * S + j)
-        _prefetch(flat, b + 3 * S + j)
+    b = max(0, min(rp * S + c0 + kp, flat.shape[0] - 1 - 3 * S))
+    _prefetch(flat, b)
+    _prefetch(flat, b + S)
+    _prefetch(flat, b + 2 * S)
+    _prefetch(flat, b + 3 * S)
+
+
+@intrinsic
+def _itemsize(typingctx, arr):
+    """Bytes per element of an array, as a compile-time constant."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(context.get_value_type(types.intp), signature.args[0].dtype.bitwidth // 8)
+
+    return types.intp(arr), codegen
 
 
 @intrinsic
@@ -139,7 +149,7 @@ def _gemv_rows(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
     _wide_vectors()
     S = w_RS.shape[1]
     flat = w_RS.ravel()
-    esize = w_RS.itemsize
+    esize = _itemsize(w_RS)
     line = _LINE // esize
     dist = PF_BYTES // esize
     nb = n // STEP
@@ -149,7 +159,8 @@ def _gemv_rows(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
         acc_4L[:] = 0.0
         base = r * S + c0
         for b in range(nb):
-            prefetch_rows4(flat, S, r, b * STEP, n, c0, dist, STEP, line)
+            for k in range(b * STEP, (b + 1) * STEP, line):  # one or two lines per row
+                prefetch_rows4(flat, S, r, k, n, c0, dist)
             _step4(flat, base + b * STEP, S, x_N, b * STEP, acc_4L)
         for j in range(4):
             w_n = w_RS[r + j, c0:c0 + n]

@@ -182,7 +182,7 @@ def gemv_int4(xp_N, x_N, xsum_G, p_RP, w_RW, scale_RG, out_R, r_lo, r_hi, c0):
         base = r * S + w0
         for g in range(full):
             # One 64-byte line per row and group: prefetch it PF_BYTES ahead.
-            prefetch_rows4(flat, S, r, g * _L, full * _L, w0, dist, _L, _L)
+            prefetch_rows4(flat, S, r, g * _L, full * _L, w0, dist)
             wi = base + g * _L
             xi = g * GROUP
             _group_lanes(flat, wi, xp_N, xi, acc_4L, 0, sc0[g])
