@@ -23,19 +23,24 @@ Intra-layer co-location shrinks the set of ranks a token is sent to; inter-layer
 co-location lets a token shuffled to one of its layer-l ranks find a layer-(l+1) expert
 there.
 
-Search: from the contiguous layout and a few random layouts, repeated best-improving
-swaps of two experts on two ranks of one layer (swaps keep the per-rank expert count);
-each swap's gain for all pairs at once comes from the expert-to-rank affinity matrix.
+Search: from the contiguous layout and a few random layouts, block coordinate ascent
+over layers. Where a layer has at most `exact_layouts` layouts with the per-rank expert
+counts (8 experts on 4 ranks: 2,520), each step takes the best feasible layout of one
+layer given its neighbours, by enumeration; otherwise repeated best-improving swaps of
+two experts on two ranks of one layer (swaps keep the per-rank expert count), each
+swap's gain for all pairs at once coming from the expert-to-rank affinity matrix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from moe.comms.placement import ExpertPlacement
 
-__all__ = ["GroupingConfig", "AffinityStats", "affinity_stats", "load_shares", "fit_grouped_placement",
+__all__ = ["GroupingConfig", "AffinityStats", "affinity_stats", "load_shares", "layouts", "fit_grouped_placement",
            "grouping_score"]
 
 
@@ -49,6 +54,7 @@ class GroupingConfig:
     max_sweeps: passes over all layers of the swap search.
     load_folds: consecutive parts of the profile (token order) on which the cap must hold
     too, besides the whole; 1 = the whole profile only.
+    exact_layouts: largest per-layer layout count searched by enumeration (0: swaps only).
     """
 
     load_cap: float = 1.2
@@ -58,6 +64,7 @@ class GroupingConfig:
     seed: int = 0
     max_sweeps: int = 20
     load_folds: int = 1
+    exact_layouts: int = 20_000
 
     def __post_init__(self) -> None:
         if not self.load_cap >= 1.0:
@@ -66,6 +73,8 @@ class GroupingConfig:
             raise ValueError("intra_weight and inter_weight must be >= 0")
         if self.restarts < 0 or self.max_sweeps < 1:
             raise ValueError("restarts must be >= 0 and max_sweeps >= 1")
+        if self.exact_layouts < 0:
+            raise ValueError(f"exact_layouts must be >= 0, got {self.exact_layouts}")
         if self.load_folds < 1:
             raise ValueError(f"load_folds must be >= 1 (1 = the whole profile only), got {self.load_folds}")
 
@@ -156,6 +165,73 @@ def _improve_layer(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: 
     return changed
 
 
+def layouts(counts_R: list[int], limit: int) -> torch.Tensor | None:
+    """int64 [N, E]: every assignment of E = sum(counts_R) experts to ranks with rank r
+    holding counts_R[r] of them; None when there are more than `limit`."""
+    n, left = 1, sum(counts_R)
+    for c in counts_R:
+        n *= math.comb(left, c)
+        left -= c
+    if n > limit:
+        return None
+    out: list[list[int]] = []
+    rank_E = [0] * sum(counts_R)
+
+    def fill(r: int, free: list[int]) -> None:
+        if r == len(counts_R):
+            out.append(rank_E.copy())
+            return
+        for group in itertools.combinations(free, counts_R[r]):
+            for e in group:
+                rank_E[e] = r
+            fill(r + 1, [e for e in free if e not in group])
+
+    fill(0, list(range(sum(counts_R))))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class _LayerTable:
+    """Every layout of one layer, scored once: N layouts, X = E * R."""
+
+    layouts_NE: torch.Tensor  # int64 [N, E]
+    onehot_NX: torch.Tensor  # float64 [N, E*R], layout n puts expert e on rank r
+    intra_N: torch.Tensor  # float64 [N], weighted co-activation kept on one rank
+    heavy_N: torch.Tensor  # float64 [N], heaviest rank's share of its cap over all views
+
+
+def _layer_table(l: int, layouts_NE: torch.Tensor, stats: AffinityStats, config: GroupingConfig, R: int,
+                 share_VE: torch.Tensor) -> _LayerTable:
+    onehot_NER = torch.nn.functional.one_hot(layouts_NE, R).double()
+    intra_N = config.intra_weight * torch.einsum("ner,ef,nfr->n", onehot_NER, stats.co_LEE[l], onehot_NER) / 2
+    heavy_N = torch.einsum("ner,ve->nvr", onehot_NER, share_VE).amax((1, 2))
+    return _LayerTable(layouts_NE, onehot_NER.flatten(1), intra_N, heavy_N)
+
+
+def _best_layout(l: int, rank_LE: torch.Tensor, stats: AffinityStats, config: GroupingConfig, R: int,
+                 table: _LayerTable) -> bool:
+    """Set layer l to its best layout given the other layers; True if it changed.
+
+    Best: within the cap in every view, the highest objective; where no layout is, the
+    lowest heaviest rank. Ties keep the current layout.
+    """
+    keep = rank_LE[l].clone()
+    S_ER = _rank_affinity(l, rank_LE, stats, replace(config, intra_weight=0.0), R)  # no term of layer l itself
+    score_N = table.intra_N + table.onehot_NX @ S_ER.flatten()
+    ok_N = table.heavy_N <= 1 + 1e-9
+    current = int((table.layouts_NE == keep).all(1).nonzero()[0, 0])
+    if bool(ok_N.any()):
+        score_N = torch.where(ok_N, score_N, float("-inf"))
+        best = int(score_N.argmax())
+        better = bool(score_N[best] > score_N[current] + 1e-9) or not bool(ok_N[current])
+    else:
+        best = int(table.heavy_N.argmin())
+        better = bool(table.heavy_N[best] < table.heavy_N[current] - 1e-9)
+    if better:
+        rank_LE[l] = table.layouts_NE[best]
+    return better
+
+
 def load_shares(expert_ids_TLK: torch.Tensor, num_experts: int, world_size: int,
                 config: GroupingConfig) -> torch.Tensor:
     """float64 [L, V, E]: each expert's load over one rank's cap, in the views the cap holds on.
@@ -189,11 +265,18 @@ def fit_grouped_placement(expert_ids_TLK: torch.Tensor, num_experts: int, world_
     g = torch.Generator().manual_seed(config.seed)
     starts = [base_LE] + [torch.stack([base_LE[l][torch.randperm(E, generator=g)] for l in range(L)])
                           for _ in range(config.restarts)]
+    layouts_NE = layouts(torch.bincount(base_LE[0], minlength=R).tolist(), config.exact_layouts)
+    tables = None if layouts_NE is None else [
+        _layer_table(l, layouts_NE, stats, config, R, share_LVE[l]) for l in range(L)]
     best, best_score = None, (0.0, 0.0)
     for rank_LE in starts:
         rank_LE = rank_LE.clone()
         for _ in range(config.max_sweeps):
-            if not any([_improve_layer(l, rank_LE, stats, config, R, share_LVE[l]) for l in range(L)]):
+            if tables is not None:
+                moved = [_best_layout(l, rank_LE, stats, config, R, tables[l]) for l in range(L)]
+            else:
+                moved = [_improve_layer(l, rank_LE, stats, config, R, share_LVE[l]) for l in range(L)]
+            if not any(moved):
                 break
         # Feasibility first (where no layout meets the cap, the least overloaded), then score.
         rank_LVR = torch.zeros(L, share_LVE.shape[1], R, dtype=torch.float64).scatter_add_(

@@ -112,11 +112,12 @@ def test_grouping_recovers_planted_structure():
     assert ours.spec_hit == 1.0 and ours.bytes < 0.5 * base.bytes
 
 
-def test_grouping_respects_load_cap():
+@pytest.mark.parametrize("exact_layouts", [0, 20_000])
+def test_grouping_respects_load_cap(exact_layouts):
     """Every rank's profiled load per layer stays within the cap, with the same expert count per rank."""
     ids = _planted_ids(300, 3)
     ids[:60, :, 1] = 5  # make expert 5 hot; the planted pairs alone would overload a rank
-    cfg = GroupingConfig(load_cap=1.25)
+    cfg = GroupingConfig(load_cap=1.25, exact_layouts=exact_layouts)
     pl = fit_grouped_placement(ids, 8, 4, cfg)
     st = affinity_stats(ids, 8)
     for l in range(3):
@@ -136,10 +137,11 @@ def test_grouping_minimises_overload_when_cap_is_unreachable():
     assert load_E[partner[0]] == load_E[1:].min()
 
 
-def test_grouping_matches_exhaustive_search_on_small_case():
-    """On 2 layers x 4 experts x 2 ranks the swap search finds the exhaustive optimum of its objective."""
+@pytest.mark.parametrize("exact_layouts", [0, 100])
+def test_grouping_matches_exhaustive_search_on_small_case(exact_layouts):
+    """On 2 layers x 4 experts x 2 ranks both searches (swaps, per-layer enumeration) find the exhaustive optimum."""
     ids = _random_ids(60, 2, 4, 2, seed=7)
-    cfg = GroupingConfig(load_cap=2.0)
+    cfg = GroupingConfig(load_cap=2.0, exact_layouts=exact_layouts)
     st = affinity_stats(ids, 4)
     layouts = [torch.tensor(p) for p in set(itertools.permutations([0, 0, 1, 1]))]
     best = max(grouping_score(torch.stack([a, b]), st, cfg) for a in layouts for b in layouts)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from moe.comms.a2a_bench import A2ABenchConfig, _halves, _label, imbalance_spread, run_a2a_bench, select_shuffle
-from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement, load_shares
+from moe.comms.grouping import (GroupingConfig, affinity_stats, fit_grouped_placement, grouping_score, layouts,
+                                load_shares)
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, replay
 from moe.comms.shuffle import DecodeView, ShuffleConfig, TransitionShuffler, previous_experts, previous_token
@@ -123,6 +124,8 @@ def test_configs_reject_bad_values():
         ShuffleConfig(temporal="yes")
     with pytest.raises(ValueError, match="load_folds"):
         GroupingConfig(load_folds=0)
+    with pytest.raises(ValueError, match="exact_layouts"):
+        GroupingConfig(exact_layouts=-1)
     with pytest.raises(ValueError, match="histories"):
         A2ABenchConfig(histories=(2, 0))
     with pytest.raises(ValueError, match="replicas"):
@@ -208,12 +211,14 @@ def test_replicas_row_is_apart_from_the_headline():
     def trace(seed):
         return RoutingTrace(expert_ids=_random_ids(40, 3, 8, 2, seed=seed), seq_starts=torch.tensor([0, 40]),
                             num_experts=8, top_k=2)
+    small = GroupingConfig(restarts=1)
     res = run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, histories=(1, 2), kernel_temperatures=(1.0,),
-                                                           kernel_decays=(1.0,), replicas=1))
+                                                           kernel_decays=(1.0,), replicas=1, grouping=small))
     assert res["summary"]["bytes"] == res["rows"]["ours"]["bytes"]
     assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
     assert res["summary"]["imbalance_balanced"] == res["rows"]["balanced"]["imbalance"]
-    assert "replicas" not in run_a2a_bench(trace(0), trace(1), A2ABenchConfig(ranks=4, replicas=0))["rows"]
+    quick = A2ABenchConfig(ranks=4, replicas=0, histories=(1,), kernel_temperatures=(), grouping=small)
+    assert "replicas" not in run_a2a_bench(trace(0), trace(1), quick)["rows"]
 
 
 def test_imbalance_spread_is_bootstrap_noise():
@@ -221,6 +226,31 @@ def test_imbalance_spread_is_bootstrap_noise():
     pl = ExpertPlacement.contiguous(2, 8, 4)
     same = torch.tensor([[[0, 3], [5, 6]]] * 20, dtype=torch.int16)
     assert imbalance_spread(pl, same) == 0.0
-    assert imbalance_spread(pl, _random_ids(40, 2, 8, 2, seed=2)) > 0.0
+    assert imbalance_spread(pl, _random_ids(40, 2, 8, 2, seed=2), draws=20) > 0.0
     replicated = pl.with_replicas(torch.ones(2, 8), 1)
     assert imbalance_spread(replicated, _random_ids(40, 2, 8, 2, seed=2)) == 0.0
+
+
+# (expert count per rank, number of distinct layouts)
+LAYOUT_CASES = [([2, 2, 2, 2], 2520), ([1, 1], 2), ([3, 2], 10), ([2, 1, 1], 12), ([1], 1)]
+
+
+@pytest.mark.parametrize("counts,n", LAYOUT_CASES)
+def test_layouts_enumerate_every_assignment_once(counts, n):
+    """layouts lists each assignment with the given per-rank counts exactly once, and refuses past its limit."""
+    got = layouts(counts, 10_000)
+    assert got.shape == (n, sum(counts))
+    assert len({tuple(r) for r in got.tolist()}) == n
+    assert all(torch.bincount(r, minlength=len(counts)).tolist() == counts for r in got)
+    assert layouts(counts, n - 1) is None
+
+
+def test_exact_search_reaches_at_least_the_swap_objective():
+    """From the same start, per-layer enumeration ends at or above the swap search's objective here."""
+    ids = _random_ids(200, 4, 8, 2, seed=11)
+    st = affinity_stats(ids, 8)
+    score = {}
+    for exact in (0, 20_000):
+        cfg = GroupingConfig(load_cap=1.5, restarts=0, exact_layouts=exact)
+        score[exact] = grouping_score(fit_grouped_placement(ids, 8, 4, cfg).holds_LER.long().argmax(2), st, cfg)
+    assert score[20_000] >= score[0] - 1e-9
