@@ -17,12 +17,15 @@ trace (see comms.replay for the exact model) and compares, side by side:
              EPLB-style from the profile's loads: it costs expert memory the baseline does
              not spend, so it is shown apart and never the headline
 
-The shuffle's history length (and, where allowed, its temporal feature) is chosen by
-cross-validation inside the profile: fit on one half (token order), replay the other,
-both ways, keep the setting with the fewest bytes. The measured trace is never consulted.
-
 and, for comparison with accounts that treat the move as free (combine = dispatch
 rows), the same table under that accounting.
+
+The shuffle's settings (naive-Bayes history, trajectory kernel, and with `decode` the
+features that read the earlier tokens of a sequence) are chosen by cross-validation
+inside the profile: fit on one half (token order), replay the other, both ways, keep
+the setting with the fewest bytes. The measured trace is never consulted for a choice.
+The summary also gives the bootstrap noise of the measured load imbalance: on short
+traces it is of the order of the gap between a balanced and a grouped layout.
 """
 from __future__ import annotations
 

@@ -8,11 +8,14 @@ __all__ = ["register", "run"]
 
 _EPILOG = """\
 Replays --trace under the expert grouping and shuffle predictor fitted on --profile and
-prints, for the contiguous baseline, grouping, shuffling, both, and perfect speculation:
-all-to-all bytes per token and layer, local activation rate, per-rank load imbalance
-(max/mean per layer) and the share of shuffle guesses that were right. The last line is
-one JSON object with baseline_bytes, bytes, lar_baseline, lar, imbalance (headline: the
-fitted grouping with shuffling, no replicas; bytes count the move of a token's residual).
+prints, for the contiguous baseline, grouping, shuffling, both, perfect speculation, the
+best guesses in hindsight and (apart, costing expert memory) replicas: all-to-all bytes
+per token and layer, local activation rate, per-rank load imbalance (max/mean per layer)
+and the share of shuffle guesses that were right. The last line is one JSON object with
+baseline_bytes, bytes, lar_baseline, lar, imbalance (headline: the fitted grouping with
+shuffling, no replicas; bytes count the move of a token's residual). The predictor's
+settings are chosen by cross-validation inside --profile; --decode lets it also use the
+routing of earlier tokens of the same sequence, which only decode traffic knows.
 Traces are moe-trace/1 safetensors files (`moe trace import` converts vLLM JSON lines).
 """
 
