@@ -48,8 +48,9 @@ class A2ABenchConfig:
     shuffle.history as given). decode: the replayed tokens are decode tokens, so the
     cross-validation may also turn on the shuffle's decode features (temporal, online);
     the shuffle config's own decode features stay on either way.
-    kernel_temperatures, kernel_decays: the trajectory-kernel grid the cross-validation
-    tries besides no kernel (empty temperatures: the shuffle config's kernel as given).
+    kernel_temperatures, kernel_decays, kernel_weights: the trajectory-kernel grid the
+    cross-validation tries besides no kernel (empty temperatures: the shuffle config's
+    kernel as given); weights are the kernel's share of the mixed log-odds.
     replicas: extra expert slots per rank of the separate replicas row (0: no such row).
     """
 
@@ -61,6 +62,7 @@ class A2ABenchConfig:
     decode: bool = False
     kernel_temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
     kernel_decays: tuple[float, ...] = (0.7, 0.85, 1.0)
+    kernel_weights: tuple[float, ...] = (0.5, 0.75)
     replicas: int = 1
 
     def __post_init__(self) -> None:
@@ -70,6 +72,9 @@ class A2ABenchConfig:
         if any(h < 1 for h in self.histories):
             raise ValueError(f"histories must be >= 1 layer each, got {self.histories}")
         self.kernel_temperatures, self.kernel_decays = tuple(self.kernel_temperatures), tuple(self.kernel_decays)
+        self.kernel_weights = tuple(self.kernel_weights)
+        if any(not 0 < w <= 1 for w in self.kernel_weights) or (self.kernel_temperatures and not self.kernel_weights):
+            raise ValueError(f"kernel_weights must be in (0, 1] and not empty, got {self.kernel_weights}")
         if any(k <= 0 for k in self.kernel_temperatures) or any(not 0 < d <= 1 for d in self.kernel_decays):
             raise ValueError(f"kernel_temperatures must be > 0 and kernel_decays in (0, 1], got "
                              f"{self.kernel_temperatures} and {self.kernel_decays}")
@@ -140,7 +145,8 @@ def _halves(ids_TLK: torch.Tensor, starts: torch.Tensor):
 
 
 def _label(cfg: ShuffleConfig) -> str:
-    kernel = f"kernel={cfg.kernel_temperature:g}/{cfg.kernel_decay:g}" if cfg.kernel_temperature else "kernel=off"
+    kernel = (f"kernel={cfg.kernel_temperature:g}/{cfg.kernel_decay:g}/{cfg.kernel_weight:g}"
+              if cfg.kernel_temperature else "kernel=off")
     return f"history={cfg.history} temporal={cfg.temporal} {kernel} online={cfg.online}"
 
 
@@ -150,7 +156,8 @@ def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: to
 
     Each half fits a shuffler that replays the other half under `placement`. Two stages:
     the naive-Bayes history (and temporal feature, in decode), then, with those, the
-    trajectory kernel (off, or each temperature x decay, offline and, in decode, online).
+    trajectory kernel (off, or each weight x temperature x decay, offline and, in decode,
+    online).
     Ties keep the earlier, simpler setting. Returns the chosen config and {label:
     held-out bytes} for every setting tried.
     """
@@ -180,8 +187,9 @@ def select_shuffle(placement: ExpertPlacement, ids_TLK: torch.Tensor, starts: to
              for t in temporals for h in (config.histories or (base.history,))]
     chosen = best_of(bayes) if len(bayes) > 1 else bayes[0]
     if config.kernel_temperatures:
-        kernels = [chosen] + [replace(chosen, kernel_temperature=k, kernel_decay=d, online=o)
-                              for o in onlines for k in config.kernel_temperatures for d in config.kernel_decays]
+        kernels = [chosen] + [replace(chosen, kernel_temperature=k, kernel_decay=d, kernel_weight=w, online=o)
+                              for o in onlines for w in config.kernel_weights
+                              for k in config.kernel_temperatures for d in config.kernel_decays]
         if _label(chosen) not in tried:
             tried[_label(chosen)] = held_out_bytes(chosen)
         chosen = best_of(kernels)
@@ -231,6 +239,7 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
         "home": config.replay.home, "rows": rows, "free_move_reduction": free_red,
         "shuffle": {"history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal, "online": shuffle_cfg.online,
                     "kernel_temperature": shuffle_cfg.kernel_temperature, "kernel_decay": shuffle_cfg.kernel_decay,
+                    "kernel_weight": shuffle_cfg.kernel_weight,
                     "cv_bytes": tried},
         "placement": grouped.to_json(),
         "summary": {
@@ -244,7 +253,8 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             "share_of_oracle": (base_bytes - ours["bytes"]) / bound_gain if bound_gain > 0 else None,
             "history": shuffle_cfg.history, "temporal": shuffle_cfg.temporal, "online": shuffle_cfg.online,
             "decode": config.decode,
-            "kernel": [shuffle_cfg.kernel_temperature, shuffle_cfg.kernel_decay] if shuffle_cfg.kernel_temperature
+            "kernel": [shuffle_cfg.kernel_temperature, shuffle_cfg.kernel_decay, shuffle_cfg.kernel_weight]
+            if shuffle_cfg.kernel_temperature
             else None,
             "replicas_reduction": rows["replicas"]["reduction"] if "replicas" in rows else None,
             "replicas_imbalance": rows["replicas"]["imbalance"] if "replicas" in rows else None,
@@ -284,7 +294,8 @@ def format_report(res: dict) -> str:
         f"shuffle predictor: last {res['shuffle']['history']} layers of routing"
         + (", previous token's next-layer routing (decode)" if res["shuffle"]["temporal"] else "")
         + (f", trajectory kernel (temperature {res['shuffle']['kernel_temperature']:g}, decay "
-           f"{res['shuffle']['kernel_decay']:g})" if res["shuffle"]["kernel_temperature"] else "")
+           f"{res['shuffle']['kernel_decay']:g}, weight {res['shuffle']['kernel_weight']:g})"
+           if res["shuffle"]["kernel_temperature"] else "")
         + (" learning online from the earlier tokens of each sequence (decode)" if res["shuffle"]["online"] else "")
         + (" (chosen by cross-validation inside the profile)" if res["shuffle"]["cv_bytes"] else ""),
     ]

@@ -20,7 +20,7 @@ experts it shared with this token at layers l, l-1, ... (layer l-h counted
 `kernel_decay`**h times), softmax-sharpened by the temperature, and smoothed towards
 the marginal with `prior` pseudo-counts against the U reference tokens (every one of
 them carries some weight). Naive Bayes treats the layers as independent evidence; the
-kernel sees whole routing paths. The guess uses the mean of the two log-odds.
+kernel sees whole routing paths. The guess mixes the two log-odds (`kernel_weight`).
 
 Decode-only features. In decode, the earlier tokens of a sequence finished all their
 layers one or more steps before this token reaches layer l, so their routing is known.
@@ -52,6 +52,7 @@ class ShuffleConfig:
     kernel_temperature: sharpness of the trajectory kernel; 0 turns the kernel off.
     kernel_decay: weight of layer l-h in the kernel's similarity is kernel_decay**h.
     online: the kernel also learns from the earlier tokens of the sequence (decode only).
+    kernel_weight: the kernel's share of the mixed log-odds (0.5: the plain mean).
     """
 
     history: int = 3
@@ -60,6 +61,7 @@ class ShuffleConfig:
     kernel_temperature: float = 0.0
     kernel_decay: float = 0.85
     online: bool = False
+    kernel_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.history < 1:
@@ -72,6 +74,8 @@ class ShuffleConfig:
             raise ValueError(f"kernel_temperature must be >= 0 (0: no kernel), got {self.kernel_temperature}")
         if not 0 < self.kernel_decay <= 1:
             raise ValueError(f"kernel_decay must lie in (0, 1], got {self.kernel_decay}")
+        if not 0 <= self.kernel_weight <= 1:
+            raise ValueError(f"kernel_weight must lie in [0, 1], got {self.kernel_weight}")
         if self.online and not self.kernel_temperature > 0:
             raise ValueError("online learning feeds the kernel: it needs kernel_temperature > 0")
 
@@ -192,7 +196,8 @@ class TransitionShuffler:
             prev_next_TK = previous_experts(view.ids_TLK, view.prev_T, layer + 1)
         s_TR = self._bayes(layer, history_THK, prev_next_TK)
         if self.config.kernel_temperature > 0 and not last:
-            s_TR = 0.5 * (s_TR + self._kernel(layer, history_THK, view if self.config.online else None))
+            w = self.config.kernel_weight
+            s_TR = (1 - w) * s_TR + w * self._kernel(layer, history_THK, view if self.config.online else None)
         return s_TR
 
     def _kernel(self, layer: int, history_THK: torch.Tensor, view: DecodeView | None) -> torch.Tensor:

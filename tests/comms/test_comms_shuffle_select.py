@@ -134,6 +134,10 @@ def test_configs_reject_bad_values():
         ShuffleConfig(kernel_temperature=-1.0)
     with pytest.raises(ValueError, match="kernel_decay"):
         ShuffleConfig(kernel_decay=0.0)
+    with pytest.raises(ValueError, match="kernel_weight"):
+        ShuffleConfig(kernel_weight=1.5)
+    with pytest.raises(ValueError, match="kernel_weights"):
+        A2ABenchConfig(kernel_weights=())
     with pytest.raises(ValueError, match="kernel_temperature > 0"):
         ShuffleConfig(online=True)
     with pytest.raises(ValueError, match="kernel_decays"):
@@ -176,13 +180,13 @@ def test_select_shuffle_reports_cross_validated_bytes():
     starts = torch.tensor([0, 30, 60])
     pl = ExpertPlacement.contiguous(4, 8, 4)
     cfg = A2ABenchConfig(histories=(1, 3), kernel_temperatures=(2.0,), kernel_decays=(0.5, 1.0),
-                         replay=ReplayConfig(hidden_size=8))
+                         kernel_weights=(0.75,), replay=ReplayConfig(hidden_size=8))
     chosen, tried = select_shuffle(pl, ids, starts, cfg)
     assert len(tried) == 4  # two histories, then the kernel grid (the chosen history is reused)
     assert tried[_label(chosen)] == min(tried.values())
     (a, sa), (b, sb) = _halves(ids, starts)
     for sc in (ShuffleConfig(history=3), ShuffleConfig(history=chosen.history, kernel_temperature=2.0,
-                                                       kernel_decay=0.5)):
+                                                       kernel_decay=0.5, kernel_weight=0.75)):
         by_hand = replay(b, sb, pl, TransitionShuffler(pl, a, sc, sa), cfg.replay).bytes \
             + replay(a, sa, pl, TransitionShuffler(pl, b, sc, sb), cfg.replay).bytes
         assert tried[_label(sc)] == by_hand
