@@ -12,7 +12,7 @@ A small expert streams in tens of microseconds, so the per-call cost of separate
 matmul launches, Python glue and intermediate copies is a large share of it. Here one
 call does everything, with at most one thread-pool launch:
 
-    chunk c of C owns hidden units [f_lo, f_hi) (a multiple of ALIGN wide):
+    chunk c of C owns hidden units [f_lo, f_hi) (whole units of ALIGN / ALIGN_INT4):
         gate, up = w13[f_lo:f_hi] @ x, w13[F+f_lo:F+f_hi] @ x      (rows)
         h[f_lo:f_hi] = silu(gate) * up
         yp[c] = w2[:, f_lo:f_hi] @ h[f_lo:f_hi]                      (a column window)
@@ -41,9 +41,12 @@ from .tiles import bf16_to_f32, f32_to_bf16
 __all__ = ["ALIGN", "decode_bf16", "decode_int8", "decode_int4", "decode_bf16_pool", "decode_int8_pool",
            "decode_int4_pool", "NO_X", "NO_BITS"]
 
-# Hidden units per split unit: a multiple of the int4 group (w2 windows start on a
-# group) and of a 64-byte line of int8.
-ALIGN = 128
+# Hidden units per split unit: one GEMV step (gemv.STEP) for bf16 / int8, one group for
+# int4 (w2 windows start on a group). A coarser unit costs balance: DeepSeek-V2-Lite's
+# F = 1408 is 22 units of 64 (11 + 11 on two threads) but 11 of 128 (5 + 6, the second
+# thread ~9% longer, and the call waits for it).
+ALIGN = 64
+ALIGN_INT4 = INT4_GROUP
 
 # The unused one of (x_1D, bits_1D) / (y_1D, ybits_1D).
 NO_X = np.empty((1, 0), np.float32)
@@ -78,10 +81,10 @@ def _store_y(yp_CD, y_1D, ybits_1D):
 
 
 @njit_kernel(parallel=False)
-def _split(F, nch, c):
-    """Hidden units [lo, hi) of chunk c of nch: whole ALIGN units, spread evenly."""
-    units = (F + ALIGN - 1) // ALIGN
-    return min(F, (c * units // nch) * ALIGN), min(F, ((c + 1) * units // nch) * ALIGN)
+def _split(F, nch, c, align):
+    """Hidden units [lo, hi) of chunk c of nch: whole units of ``align``, spread evenly."""
+    units = (F + align - 1) // align
+    return min(F, (c * units // nch) * align), min(F, ((c + 1) * units // nch) * align)
 
 
 @njit_kernel(parallel=False)
@@ -97,7 +100,7 @@ def _swiglu(gu_2F, h_F, F, lo, hi):
 @njit_kernel(parallel=False)
 def _chunk_bf16(c, nch, x_D, w13, w2, gu_2F, h_F, yp_CD):
     D, F = w2.shape
-    lo, hi = _split(F, nch, c)
+    lo, hi = _split(F, nch, c, ALIGN)
     if hi <= lo:
         yp_CD[c, :] = 0.0
         return
@@ -135,7 +138,7 @@ def decode_bf16_pool(x_1D, bits_1D, w13, w2, y_1D, ybits_1D, nch):
 @njit_kernel(parallel=False)
 def _chunk_int8(c, nch, x_D, q13, s13, q2, s2, gu_2F, h_F, yp_CD):
     D, F = q2.shape
-    lo, hi = _split(F, nch, c)
+    lo, hi = _split(F, nch, c, ALIGN)
     if hi <= lo:
         yp_CD[c, :] = 0.0
         return
@@ -174,7 +177,7 @@ def decode_int8_pool(x_1D, bits_1D, q13, s13, q2, s2, y_1D, ybits_1D, nch):
 def _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD):
     D = p2.shape[0]
     F = gu_2F.shape[0] // 2
-    lo, hi = _split(F, nch, c)
+    lo, hi = _split(F, nch, c, ALIGN_INT4)
     if hi <= lo:
         yp_CD[c, :] = 0.0
         return
