@@ -20,7 +20,8 @@ loaded machine is closer to what the hardware does (the bound is a best-of too),
 1-minute load average at start and end. Goals are judged on medians. Prints one JSON
 line last.
 
-    python bench/cpu_expert.py [--quick] [--json] [--threads N] [--repeats N]
+    python bench/cpu_expert.py [--quick] [--json] [--threads N] [--repeats N] [--tokens 1,4,16]
+                               [--shapes mixtral-8x7b,...] [--wait-idle SECONDS]
 """
 from __future__ import annotations
 
@@ -74,6 +75,32 @@ def _make_expert(D: int, Fh: int, dtype: str):
                                                            + (C % INT4_GROUP + 1) // 2), dtype=torch.uint8),
                           scale_RG=torch.full((R, G), C ** -0.5 / 4), cols=C, group_size=INT4_GROUP)
     return int4(2 * Fh, D), int4(D, Fh)
+
+
+def _cpu_idle_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs idle over ``seconds`` (Linux /proc/stat; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _wait_idle(max_seconds: float, threshold: float = 0.85) -> bool:
+    """Wait up to max_seconds for the machine to be mostly idle (other work on a shared
+    machine stalls every parallel call for a scheduler tick); True once it is."""
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        idle = _cpu_idle_fraction()
+        if idle is None or idle >= threshold:
+            return True
+    return False
 
 
 def _expert_bytes(w13, w2) -> int:
@@ -178,10 +205,20 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default 5, quick 3)")
     p.add_argument("--bw-bytes", type=int, default=1 << 30, help="bytes of the bandwidth probe array")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts, comma-separated")
+    p.add_argument("--shapes", default=None, help=f"comma-separated subset of {', '.join(SHAPES)}")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each format, wait up to this long for the CPUs to be >= 85%% idle")
     args = p.parse_args(argv)
+    tokens = tuple(int(t) for t in args.tokens.split(","))
     threads = args.threads or numba.get_num_threads()
     repeats = args.repeats or (3 if args.quick else 5)
     shapes = {"deepseek-v2-lite": SHAPES["deepseek-v2-lite"]} if args.quick else SHAPES
+    if args.shapes:
+        unknown = set(args.shapes.split(",")) - set(SHAPES)
+        if unknown:
+            p.error(f"unknown shape(s) {sorted(unknown)}; choose from {', '.join(SHAPES)}")
+        shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     torch.set_num_threads(threads)  # the baseline gets the same cores
 
     def log(msg):
@@ -192,9 +229,12 @@ def main(argv=None) -> dict:
     bounds = [read_bandwidth_gbps(args.bw_bytes, repeats=5, num_threads=threads)]
     log(f"read bandwidth: {bounds[-1]:.2f} GB/s ({threads} threads)")
     results = []
+    busy_starts = 0
     for name, (D, Fh) in shapes.items():
         for dtype in DTYPES:
-            for row in bench_format(name, D, Fh, dtype, TOKENS, repeats, threads):
+            if args.wait_idle > 0 and not _wait_idle(args.wait_idle):
+                busy_starts += 1
+            for row in bench_format(name, D, Fh, dtype, tokens, repeats, threads):
                 results.append(row)
                 log(f"{name:17s} {dtype:5s} T={row['T']:3d}  ours {row['ms']:9.3f} ms {row['gbps']:6.2f} GB/s"
                     f"  torch {row['ref_ms']:9.3f} ms {row['ref_gbps']:6.2f} GB/s  x{row['speedup_vs_ref']}")
@@ -208,6 +248,7 @@ def main(argv=None) -> dict:
                    quick=args.quick, bound_gbps=round(bound, 2),
                    bound_samples_gbps=[round(b, 2) for b in bounds],
                    load_avg_1min=[round(load_start, 2), round(os.getloadavg()[0], 2)],
+                   wait_idle_s=args.wait_idle, formats_started_busy=busy_starts,
                    int4_group_size=INT4_GROUP,
                    timing=f"alternating blocks of {BLOCK} calls, first call after a switch untimed",
                    results=results, goals=_goals(results, bound))

@@ -102,11 +102,12 @@ def _step4(typingctx, w_flat, wi, S, x_N, xi, acc_4L):
 @njit_kernel(parallel=False)
 def prefetch_rows4(flat, S, r, k, n, c0, dist):
     """Prefetch the line holding element k + dist of the window of rows r..r+3 (flat: W
-    raveled, row stride S); past the window's end, the same offset of rows r+4..r+7.
+    raveled, row stride S), counting on through the windows of rows r+4..r+7, r+8.. (the
+    order the loop reads them) when dist reaches past this window's end.
     The start is clamped so that no hint points outside the array (needs 4 rows)."""
     kp = k + dist
     rp = r
-    if kp >= n:
+    while kp >= n:  # windows shorter than dist: the target is several blocks ahead
         kp -= n
         rp += 4
     b = max(0, min(rp * S + c0 + kp, flat.shape[0] - 1 - 3 * S))
