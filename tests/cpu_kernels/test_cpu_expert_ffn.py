@@ -107,7 +107,7 @@ def test_nan_in_activations_propagates():
     assert torch.isnan(y_TD[1]).all() and not torch.isnan(y_TD[0]).any()
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int4-64"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-128", "int4-64"])
 def test_concurrent_calls_from_threads(fmt):
     """Several Python threads calling at once (with and without a thread cap) get correct results."""
     w13, w2 = make_weights(160, 96, fmt)
