@@ -15,7 +15,8 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
 
 T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode path
 (decode.py): the whole expert in one kernel call with at most one thread-pool launch,
-and numpy views of each weight made once per weight object (`_views`).
+with each weight's checks and numpy views made once per weight object
+(weight_views.weight_info).
 
 `expert_ffn` releases the GIL inside the kernels and may be called from several Python
 threads at once; see numba_util for the threading model and `num_threads`. A matmul

@@ -12,8 +12,8 @@ Decode is memory-bound, so the loops are shaped for the memory system, measured 
 
 * four rows stream side by side, sharing each load of x (four concurrent streams keep
   more DRAM requests in flight than one);
-* every row stream is software-prefetched PF_BYTES ahead; near the end of a row the
-  prefetch moves on to the same offset of the next block of four rows. The hardware
+* every row stream is software-prefetched PF_BYTES ahead, counted on through the next
+  blocks of four rows when that reaches past the end of the window. The hardware
   prefetcher restarts at every row (and every 4 KiB page), which cost up to ~30% on the
   short rows of small experts (DeepSeek-V2-Lite: 1408 columns);
 * the dot products run in 16 fp32 lanes per row, written as explicit vector IR
@@ -30,7 +30,6 @@ the fp32 dot product.
 from __future__ import annotations
 
 import numpy as np
-
 from llvmlite import ir
 from numba import types
 from numba.core.extending import intrinsic
