@@ -32,6 +32,10 @@ class HostExpertStore:
         self._w2: list[torch.Tensor | None] = [None] * num_layers
         self._filled = torch.zeros(num_layers, num_experts, 3, dtype=torch.bool)  # w1, w3, w2
         self._cpu_q: list | None = None  # packed copies for the CPU path (quantize_for_cpu)
+        # (w13_2FD, w2_DF) view objects per (layer, row), made once: the CPU kernels cache
+        # their checks and numpy views per weight object, so handing out the same objects
+        # on every call keeps a small expert's per-call overhead down.
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- sizes -------------------------------------------------------------------------
     def _set_held(self, held_LE: torch.Tensor | None) -> None:
@@ -105,6 +109,7 @@ class HostExpertStore:
         if adopt:
             self._w13[layer] = w13_E2FD.detach().to(self.dtype).contiguous()
             self._w2[layer] = w2_EDF.detach().to(self.dtype).contiguous()
+            self._drop_views(layer)
         else:
             self._alloc(layer)
             self._w13[layer].copy_(w13_E2FD.detach())
@@ -168,7 +173,14 @@ class HostExpertStore:
         if self._w13[layer] is None:
             raise RuntimeError(f"layer {layer} of the expert store was never filled")
         r = self._row(layer, expert)
-        return self._w13[layer][r], self._w2[layer][r]
+        views = self._views.get((layer, r))
+        if views is None:
+            views = self._views[layer, r] = (self._w13[layer][r], self._w2[layer][r])
+        return views
+
+    def _drop_views(self, layer: int) -> None:
+        for key in [k for k in self._views if k[0] == layer]:
+            del self._views[key]
 
     def keep_only(self, held_LE: torch.Tensor) -> None:
         """Drop every expert outside `held_LE` (a subset of what is held now), freeing its
@@ -184,6 +196,7 @@ class HostExpertStore:
             if self._w13[l] is not None and not torch.equal(held_LE[l], self.held_LE[l]):
                 rows = old_row_LE[l][held_LE[l]]
                 self._w13[l], self._w2[l] = self._w13[l][rows].clone(), self._w2[l][rows].clone()
+                self._drop_views(l)
                 if self.pin_memory:
                     self._w13[l], self._w2[l] = self._w13[l].pin_memory(), self._w2[l].pin_memory()
                 if self._cpu_q is not None:

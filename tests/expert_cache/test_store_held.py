@@ -80,3 +80,16 @@ def test_cache_release_frees_every_slot():
     c.release()
     assert c.num_slots == 0 and c.w13_N2FD.shape[0] == 0 and c.resident_experts(0) == []
     assert c.load(0, 3) == -1
+
+
+def test_expert_views_are_stable_objects_until_the_layer_changes():
+    """expert() hands out the same view objects on every call (kernels cache per object) and new ones after set_layer."""
+    s = HostExpertStore(num_layers=L, num_experts=E, hidden=D, inter=F, dtype=torch.float32)
+    ws = _weights()
+    for l, (w13, w2) in enumerate(ws):
+        s.set_layer(l, w13, w2)
+    a = s.expert(1, 2)
+    assert s.expert(1, 2)[0] is a[0] and s.cpu_weights(1, 2)[1] is a[1]
+    s.set_layer(1, ws[0][0].clone(), ws[0][1].clone())
+    b = s.expert(1, 2)
+    assert b[0] is not a[0] and torch.equal(b[0], ws[0][0][2])
