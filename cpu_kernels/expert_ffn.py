@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from . import decode as Dk
 from . import expert_ffn_kernels as K
 from .int4_kernels import matmul_int4, matmul_int4_serial
+from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
 from .numba_util import launch_guard, thread_cap, thread_cap_check
 from .quant import Int4Weight, Int8Weight
@@ -95,6 +96,14 @@ _DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int
            "int4": (Dk.decode_int4, Dk.decode_int4_pool)}
 
 
+def _small_int4_views(x_TK: np.ndarray, w: Weight) -> tuple | None:
+    """The (packed, words, scales) views when w takes the small-T int4 kernel, else None."""
+    if not isinstance(w, Int4Weight) or not 2 <= x_TK.shape[0] <= SMALL_T:
+        return None
+    info = weight_info(w, "w")
+    return info.views if info.fmt == "int4" else None
+
+
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """out_TR = x_TK @ w.T with the kernel for w's format."""
     nthreads = numba.get_num_threads()
@@ -103,7 +112,10 @@ def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
         return
     # One contiguous row range per thread (numba's prange schedule is static anyway).
     nch = max(1, min(out_TR.shape[1], nthreads))
-    if isinstance(w, Int8Weight):
+    small = _small_int4_views(x_TK, w)
+    if small is not None:
+        matmul_small_int4(x_TK, *small, out_TR, nch)
+    elif isinstance(w, Int8Weight):
         K.matmul_int8(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, nch)
     elif isinstance(w, Int4Weight):
         matmul_int4(x_TK, w.packed_RB.numpy(), w.scale_RG.numpy(), w.group_size, out_TR, nch)
@@ -116,7 +128,10 @@ def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
 def _matmul_serial(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """_matmul on the calling thread, without waking numba's thread pool."""
     R = out_TR.shape[1]
-    if isinstance(w, Int8Weight):
+    small = _small_int4_views(x_TK, w)
+    if small is not None:
+        matmul_small_int4_serial(x_TK, *small, out_TR)
+    elif isinstance(w, Int8Weight):
         K.rows_int8(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, 0, R)
     elif isinstance(w, Int4Weight):
         matmul_int4_serial(x_TK, w.packed_RB.numpy(), w.scale_RG.numpy(), w.group_size, out_TR)

@@ -34,6 +34,8 @@ from numba import prange
 
 from .gemv import gemv_bf16, gemv_int8
 from .numba_util import njit_kernel
+from .small_t import SMALL_T as _SMALL_T
+from .small_t import rows_small_bf16, rows_small_int8
 from .tiles import KC as _KC
 from .tiles import ROW_BLOCK as _RB
 from .tiles import bf16_to_f32 as _bf16_to_f32
@@ -98,6 +100,8 @@ def _rows_bf16(x_TK, w_RK, out_TR, r_lo, r_hi):
     T, K = x_TK.shape
     if T == 1:
         gemv_bf16(x_TK[0], w_RK, out_TR[0], r_lo, r_hi, 0, K)
+    elif T <= _SMALL_T:
+        rows_small_bf16(x_TK, w_RK, out_TR, r_lo, r_hi)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
         s_BC = np.zeros((_RB, _KC), np.float32)
@@ -121,6 +125,8 @@ def _rows_int8(x_TK, q_RK, scale_R, out_TR, r_lo, r_hi):
     T, K = x_TK.shape
     if T == 1:
         gemv_int8(x_TK[0], q_RK, scale_R, out_TR[0], r_lo, r_hi, 0, K)
+    elif T <= _SMALL_T:
+        rows_small_int8(x_TK, q_RK, scale_R, out_TR, r_lo, r_hi)
     else:
         # Zeros: rows past a short last block must hold finite values (they are not stored).
         s_BC = np.zeros((_RB, _KC), np.float32)

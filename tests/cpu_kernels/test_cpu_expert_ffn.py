@@ -24,6 +24,8 @@ SHAPES = [
     (2, 1, 1),
     (4, 1100, 1030),  # K beyond one 1024-column chunk, with a partial int4 group at the end
     (1, 1100, 530),  # T = 1 rows of several GEMV steps plus a tail; prefetch past the last block
+    (8, 256, 200),  # small-T paths; int4 group 128: whole groups (w13), a shorter last group (w2)
+    (16, 520, 136),  # the largest small T; int4 rows of whole words with group tails on both weights
 ]
 # Weight formats: dense dtypes and packed schemes (int4 with each group size).
 FORMATS = ["fp32", "bf16", "int8", "int4-32", "int4-64", "int4-128"]
