@@ -35,7 +35,7 @@ from numba import prange
 from .gemv import gemv_bf16, gemv_int8
 from .numba_util import njit_kernel
 from .small_t import SMALL_T as _SMALL_T
-from .small_t import rows_small_bf16, rows_small_int8
+from .small_t import rows_small_bf16, rows_small_f32, rows_small_int8
 from .tiles import KC as _KC
 from .tiles import ROW_BLOCK as _RB
 from .tiles import bf16_to_f32 as _bf16_to_f32
@@ -82,6 +82,8 @@ def _rows_f32(x_TK, w_RK, out_TR, r_lo, r_hi):
     T, K = x_TK.shape
     if T == 1:
         _gemv_f32(x_TK[0], w_RK, out_TR[0], r_lo, r_hi)
+    elif T <= _SMALL_T:
+        rows_small_f32(x_TK, w_RK, out_TR, r_lo, r_hi)
     else:
         acc_T4 = np.empty((T, _RB), np.float32)
         tail_BK = np.zeros((_RB, K), np.float32)

@@ -1,10 +1,10 @@
-"""Small-batch (2 <= T <= SMALL_T) matmuls for bf16 and int8 weights: out_TR = x_TK @ W.T.
+"""Small-batch (2 <= T <= SMALL_T) matmuls for fp32, bf16 and int8 weights: out_TR = x_TK @ W.T.
 
 Shape key: T tokens, K input columns, R weight rows, S row stride, L = 16 lanes.
 
 At a handful of tokens the work is still bound by streaming the weights: each weight is
 read once and used T times. So the loop is the T == 1 GEMV (gemv.py) with a token loop
-inside each step: four rows x 64 columns of weights are loaded and widened to fp32 once,
+inside each step: four rows x 64 columns of weights are loaded and widened to fp32 once (bf16, int8),
 held in 16 vector registers, and then every token's 64 columns of x are multiplied into
 that token's four 16-lane partial sums (`_step4_tokens`). Per token and step that is 16
 FMAs for 4 loads of x and 4 loads + 4 stores of partial sums, all in L1 (the partial
@@ -28,7 +28,7 @@ from .gemv import _itemsize
 from .numba_util import njit_kernel
 from .tiles import wide_vectors as _wide_vectors
 
-__all__ = ["SMALL_T", "rows_small_bf16", "rows_small_int8"]
+__all__ = ["SMALL_T", "rows_small_f32", "rows_small_bf16", "rows_small_int8"]
 
 SMALL_T = 16  # largest T that takes this path
 _LANES = 16
@@ -39,9 +39,9 @@ _LINE = 64
 def _step4_tokens(typingctx, w_flat, wi, S, x_flat, xi, xs, T, acc_flat):
     """For t in range(T) and rows j = 0..3:
     acc_flat[64t + 16j + l] += sum over v of widen(w_flat[wi + jS + 16v + l]) * x_flat[xi + t xs + 16v + l]
-    (v = 0..3, l = 0..15); w_flat int8 or bf16 bits (uint16). Callers keep indices in bounds.
+    (v = 0..3, l = 0..15); w_flat float32, int8 or bf16 bits (uint16). Callers keep indices in bounds.
     """
-    if not (isinstance(w_flat, types.Array) and w_flat.dtype in (types.int8, types.uint16)):
+    if not (isinstance(w_flat, types.Array) and w_flat.dtype in (types.int8, types.uint16, types.float32)):
         return None
     sig = types.none(w_flat, wi, S, x_flat, xi, xs, T, acc_flat)
 
@@ -50,7 +50,7 @@ def _step4_tokens(typingctx, w_flat, wi, S, x_flat, xi, xs, T, acc_flat):
         w_ty, x_ty, a_ty = signature.args[0], signature.args[3], signature.args[7]
         i32, f32 = ir.IntType(32), ir.FloatType()
         vi, vf = ir.VectorType(i32, _LANES), ir.VectorType(f32, _LANES)
-        welt = ir.IntType(8) if w_ty.dtype == types.int8 else ir.IntType(16)
+        welt = {types.int8: ir.IntType(8), types.uint16: ir.IntType(16), types.float32: f32}[w_ty.dtype]
         vw = ir.VectorType(welt, _LANES)
         fast = ("contract",)
         nv = STEP // _LANES
@@ -71,7 +71,9 @@ def _step4_tokens(typingctx, w_flat, wi, S, x_flat, xi, xs, T, acc_flat):
             for v in range(nv):
                 wv = builder.load(ptr(w_ty, w_arr, builder.add(row, ir.Constant(intp, _LANES * v)), vw),
                                   align=1)
-                if w_ty.dtype == types.int8:
+                if w_ty.dtype == types.float32:
+                    wf = wv
+                elif w_ty.dtype == types.int8:
                     wf = builder.sitofp(builder.sext(wv, vi), vf)
                 else:  # bf16: the bits are the top half of the fp32 pattern
                     wf = builder.bitcast(builder.shl(builder.zext(wv, vi), ir.Constant(vi, [16] * _LANES)), vf)
@@ -96,11 +98,13 @@ def _step4_tokens(typingctx, w_flat, wi, S, x_flat, xi, xs, T, acc_flat):
 
 @intrinsic
 def _widen(typingctx, v):
-    """A weight element as float32: an int8 value, or bf16 bits (uint16) exactly."""
-    if v not in (types.int8, types.uint16):
+    """A weight element as float32: itself, an int8 value, or bf16 bits (uint16) exactly."""
+    if v not in (types.int8, types.uint16, types.float32):
         return None
 
     def codegen(context, builder, signature, args):
+        if signature.args[0] == types.float32:
+            return args[0]
         if signature.args[0] == types.int8:
             return builder.sitofp(args[0], ir.FloatType())
         wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
@@ -149,6 +153,12 @@ def _rows_small(x_TK, w_RK, out_TR, r_lo, r_hi):
             for k in range(K):
                 a += _widen(w_K[k]) * x_K[k]
             out_TR[t, r] = a
+
+
+@njit_kernel(parallel=False)
+def rows_small_f32(x_TK, w_RK, out_TR, r_lo, r_hi):
+    """Rows r_lo:r_hi of out_TR = x_TK @ w_RK.T (float32 weights)."""
+    _rows_small(x_TK, w_RK, out_TR, r_lo, r_hi)
 
 
 @njit_kernel(parallel=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
-from moe.cpu_kernels.small_t import SMALL_T, rows_small_bf16, rows_small_int8
+from moe.cpu_kernels.small_t import SMALL_T, rows_small_bf16, rows_small_f32, rows_small_int8
 from moe.cpu_kernels.small_t_int4 import matmul_small_int4, matmul_small_int4_serial
 from moe.cpu_kernels.weight_views import weight_info
 
@@ -33,11 +33,14 @@ def _expect(x_TK, w_RK, out_TR, r_lo, r_hi):
 
 
 @pytest.mark.parametrize("T,R,K,r_lo,r_hi", CASES)
-def test_rows_small_bf16_and_int8(T, R, K, r_lo, r_hi):
-    """bf16 and int8 small-T rows equal x @ W.T on their row range and leave other rows alone."""
+def test_rows_small_dense_and_int8(T, R, K, r_lo, r_hi):
+    """fp32, bf16 and int8 small-T rows equal x @ W.T on their row range and leave other rows alone."""
     g = torch.Generator().manual_seed(T)
     x_TK = torch.randn(T, K, generator=g).numpy()
     w_RK = torch.randn(R, K, generator=g)
+    out_TR = np.full((T, R), 7.0, np.float32)
+    rows_small_f32(x_TK, w_RK.numpy(), out_TR, r_lo, r_hi)
+    np.testing.assert_allclose(out_TR, _expect(x_TK, w_RK, np.full((T, R), 7.0, np.float32), r_lo, r_hi), **TOL)
     wb = w_RK.bfloat16()
     out_TR = np.full((T, R), 7.0, np.float32)
     rows_small_bf16(x_TK, wb.view(torch.int16).numpy().view(np.uint16), out_TR, r_lo, r_hi)
@@ -69,7 +72,7 @@ def test_small_int4_matches_dequantised(T, R, K, nch):
 
 
 @pytest.mark.parametrize("T", [2, 4, 8, SMALL_T, SMALL_T + 1])
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("serial_bytes", [0, 1 << 40])
 def test_expert_ffn_small_batches(T, fmt, serial_bytes, monkeypatch):
     """expert_ffn at small T, on the thread pool (0) or the calling thread (huge), gives the reference."""
@@ -80,7 +83,7 @@ def test_expert_ffn_small_batches(T, fmt, serial_bytes, monkeypatch):
     w2 = torch.randn(D, F, generator=g) / F ** 0.5
     if fmt == "bf16":
         w13, w2 = w13.bfloat16(), w2.bfloat16()
-    else:
+    elif fmt != "fp32":
         w13, w2 = quantize(w13, fmt), quantize(w2, fmt)
     for x_dtype, tol in ((torch.float32, TOL), (torch.bfloat16, dict(rtol=1.6e-2, atol=1e-3))):
         x_TD = torch.randn(T, D, generator=g).to(x_dtype)
