@@ -80,9 +80,7 @@ def _gemv_f32(x_K, w_RK, out_R, r_lo, r_hi):
 def _rows_f32(x_TK, w_RK, out_TR, r_lo, r_hi):
     """Rows r_lo:r_hi of out_TR = x_TK @ w_RK.T (float32 weights)."""
     T, K = x_TK.shape
-    if T == 1:
-        _gemv_f32(x_TK[0], w_RK, out_TR[0], r_lo, r_hi)
-    elif T <= _SMALL_T:
+    if T <= _SMALL_T:  # T == 1 too: its row streams are prefetched, unlike _gemv_f32's
         rows_small_f32(x_TK, w_RK, out_TR, r_lo, r_hi)
     else:
         acc_T4 = np.empty((T, _RB), np.float32)
