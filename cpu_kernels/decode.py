@@ -215,12 +215,33 @@ def decode_int4(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D):
 
 @njit_kernel()
 def decode_int4_pool(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D, nch):
-    """decode_int4 split into nch chunks on the thread pool."""
+    """decode_int4 on nch threads: one phase (chunks as decode_bf16_pool) when the groups
+    of F split evenly, else two: hidden units split by 4-row blocks, then w2 by rows.
+
+    Unlike bf16 / int8, int4 w2 windows must start on a 128-column group, so the
+    one-phase split leaves uneven halves on small experts (DeepSeek-V2-Lite: 5 and 6 of
+    11 groups, the call waiting ~9% on the longer one); two parallel regions cost one
+    more pool launch (a few microseconds) but split both matmuls evenly.
+    """
     D = p2.shape[0]
     F = p13.shape[0] // 2
     x_D = _load_x(x_1D, bits_1D, D)
     xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
-    yp_CD = np.empty((nch, D), np.float32)
+    if ((F + INT4_GROUP - 1) // INT4_GROUP) % nch == 0:  # whole groups split evenly: one phase
+        yp_CD = np.empty((nch, D), np.float32)
+        for c in prange(nch):
+            _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
+        _store_y(yp_CD, y_1D, ybits_1D)
+        return
     for c in prange(nch):
-        _chunk_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, p2, w2, s2, gu_2F, h_F, hp_F, hsum_G, yp_CD)
+        lo, hi = _split(F, nch, c, 4)
+        for part in range(2):  # gate rows, then up rows
+            gemv_int4(xp_D, x_D, xsum_G, p13, w13, s13, gu_2F, part * F + lo, part * F + hi, 0)
+        _swiglu(gu_2F, h_F, F, lo, hi)
+    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
+    yp_CD = np.empty((1, D), np.float32)
+    y_D = yp_CD[0]
+    for c in prange(nch):
+        lo, hi = _split(D, nch, c, 4)
+        gemv_int4(hp_F, h_F, hsum_G, p2, w2, s2, y_D, lo, hi, 0)
     _store_y(yp_CD, y_1D, ybits_1D)
