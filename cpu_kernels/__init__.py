@@ -3,7 +3,8 @@
 expert_ffn(x_TD, w13, w2, out=None, *, num_threads=None): one SwiGLU expert on the CPU;
 weights fp32/bf16 tensors or packed objects from quantize(w, "int8" | "int4"). One token
 (T == 1) with bf16, int8 or int4 (group 128) weights runs as one fused kernel call
-(decode.py); other cases run two matmuls (expert_ffn_kernels.py, int4_kernels.py).
+(decode.py); other cases run two matmuls (expert_ffn_kernels.py, int4_kernels.py; 2 <= T
+<= 16: small_t.py, small_t_int4.py).
 """
 from .expert_ffn import expert_ffn, expert_ffn_reference, weight_nbytes
 from .membw import read_bandwidth_gbps

@@ -10,7 +10,8 @@ Shape key: D model dim, F expert hidden dim, C chunks (threads).
 
 A small expert streams in tens of microseconds, so the per-call cost of separate
 matmul launches, Python glue and intermediate copies is a large share of it. Here one
-call does everything, with at most one thread-pool launch:
+call does everything, with one thread-pool launch (int4 with hidden groups that do not
+split evenly among the threads: two, see decode_int4_pool):
 
     chunk c of C owns hidden units [f_lo, f_hi) (whole units of ALIGN / ALIGN_INT4):
         gate, up = w13[f_lo:f_hi] @ x, w13[F+f_lo:F+f_hi] @ x      (rows)

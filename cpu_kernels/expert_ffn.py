@@ -13,6 +13,10 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
     x_TD --(bf16? widen)--> xf_TD --matmul w13--> gu_T2F --swiglu--> h_TF
          --matmul w2--> yf_TD --(bf16? round to nearest even)--> y_TD
 
+2 <= T <= 16 (small_t.py, small_t_int4.py: fp32, bf16, int8, int4 group 128) decodes
+each block of four weight rows once into registers and applies it to every token; larger
+T goes through fp32 scratch chunks and register tiles (tiles.py).
+
 T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode path
 (decode.py): the whole expert in one kernel call with at most one thread-pool launch,
 with each weight's checks and numpy views made once per weight object

@@ -18,7 +18,9 @@ concurrent streams keep more loads in flight than one and were measured at about
 the DRAM rate of a row-at-a-time loop here (2-core Xeon VM); x_K is loaded once for
 the four.
 
-T > 1 decodes a block of B rows into a small fp32 scratch, then dots it against all T
+2 <= T <= SMALL_T (16) runs the small-batch loops of small_t.py (fp32 T == 1 too).
+
+T > SMALL_T decodes a block of B rows into a small fp32 scratch, then dots it against all T
 tokens with the register tile of tiles.dot_block, so each weight byte still leaves DRAM
 once and the inner loops run on plain fp32.
 

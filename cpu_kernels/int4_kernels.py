@@ -1,8 +1,9 @@
 """Numba kernels for int4 weights: out_TR = x_TK @ dequant(p_RP, scale_RG).T.
 
 (T == 1 with group size 128 and rows of whole 32-bit words goes through the faster
-word-lane GEMV of int4_gemv.py inside the fused decode path; this module serves T > 1,
-groups 32 / 64 and other row lengths.)
+word-lane GEMV of int4_gemv.py inside the fused decode path, and 2 <= T <= 16 with
+them through small_t_int4.py; this module serves larger T, groups 32 / 64 and other
+row lengths.)
 
 Shape key: T tokens, K input columns, R output rows, P packed bytes per row, G groups
 per row (layout: quant.py: per group, byte i holds column i low and i + ceil(m/2) high).
