@@ -3,8 +3,9 @@ and the small elementwise kernels (SwiGLU, bf16 widen / narrow).
 
 Shape key: T tokens, K input columns, R output rows; B = ROW_BLOCK weight rows.
 
-T > 16 path (2..16: small_t.py): for each block of B = 4 weight rows, a caller walks K in chunks of KC,
-decodes the chunk of the 4 rows into an fp32 scratch s_BC (16 KiB, stays in L1) and
+T > 16 path (2..16: small_t.py): for each block of B = 4 weight rows, a caller walks K
+in chunks of KC, decodes the chunk of the 4 rows into an fp32 scratch s_BC (16 KiB,
+stays in L1) and
 calls `tile_chunk`, which runs a 4-row x 3-token register tile over all T tokens: each
 step loads 4 weight and 3 token values for 12 FMAs, against 5 loads per 4 FMAs for one
 token at a time. Partial sums collect in acc_T4 [T, 4]; `store_block` writes them out.
