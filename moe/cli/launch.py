@@ -51,7 +51,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from moe.cli import CliError
     from moe.comms.launch import LaunchConfig
-    from moe.ep import launch_job
+    from moe.ep_launch import launch_job
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command and not args.self_check:

@@ -130,7 +130,7 @@ def test_enable_needs_a_wrapped_model():
 
 def test_shards_pad_empty_ranks_and_merge_keeps_input_order(tmp_path):
     """Ranks without prompts get one pad prompt; merging drops pads and torn lines and keeps input order."""
-    from moe.ep import _merge_outputs, _strip_options, _write_shards
+    from moe.ep_launch import _merge_outputs, _strip_options, _write_shards
     from moe.jsonl import PromptRecord
 
     records = [PromptRecord(id=i, prompt=f"p{i}", line=i + 1) for i in range(2)]
