@@ -126,9 +126,10 @@ class DeviceExpertCache:
         """Give back every slot's device memory; the cache then holds nothing (used when
         the model runs expert-parallel and each rank keeps its own experts instead)."""
         self.wait()
+        evictions = self.evictions  # emptying the pool is not the policy evicting
         for key in [k for k in self._key_of_slot if k is not None]:
             self.evict(*key)
-        self.evictions = 0
+        self.evictions = evictions
         self._pinned.clear()
         self.num_slots = 0
         self._free, self._key_of_slot = [], []

@@ -54,10 +54,6 @@ class HostExpertStore:
         """Whether this store keeps expert `expert` of MoE layer `layer`."""
         return bool(self.held_LE[layer, expert])
 
-    @property
-    def holds_all(self) -> bool:
-        return bool(self.held_LE.all())
-
     def _row(self, layer: int, expert: int) -> int:
         r = int(self._row_LE[layer, expert])
         if r < 0:

@@ -50,7 +50,7 @@ class HybridRuntime:
         self.observers: list[RoutingObserver] = []
         self.flops_per_token = 6 * store.hidden * store.inter  # three D x F matmuls, 2 flops each
         # Quantized CPU experts read their packed copy: the planner must see the smaller bytes.
-        self.cpu_expert_bytes = store.cpu_expert_bytes if config.quantization else None
+        self.cpu_expert_bytes = store.cpu_expert_bytes
         self.planner = LayerPlanner(cost_model or load_profile(self.device.type, path=config.cost_profile),
                                     rule=config.scheduler,
                                     copy_threshold_tokens=config.copy_threshold_tokens)
