@@ -2,8 +2,8 @@
 
 Shape key: D model dim, F expert hidden dim, C chunks (threads).
 
-    x_1D [1, D] float32 | bits_1D [1, D] int16 (bf16 bit patterns): the token, in one
-         of the two (the other is passed empty, shape [1, 0]); y in the same kind
+    xa, ya   addresses of the token x [D] and the output y [D] (contiguous, both
+             float32, or both bf16 bit patterns when bf16 is True)
     w13  [2F, D] (gate rows, then up rows)     w2   [D, F]
     bf16: uint16 bits; int8: q + per-row scale; int4 (group 128): packed bytes, the same
     bytes viewed as int32 words, group scales (int4_gemv.py)
@@ -26,15 +26,25 @@ follows badly. On DeepSeek-V2-Lite int8 (w2 rows of 1408 bytes) the two-phase fo
 streams ~18% faster on the 2-core test VM; on Mixtral-sized experts the two are alike.
 
 Each format has two entry points: ``decode_<fmt>`` runs on the calling thread (C = 1,
-no pool launch) and ``decode_<fmt>_pool`` runs C chunks per phase. The token travels as
-two arrays of fixed types rather than one of either type, and every GEMV of a format
-goes through one call site per phase, because every distinct compiled copy of the GEMV
-loops costs seconds of compile time on first use (numba re-optimises callees per caller).
+no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase. Every GEMV of a format goes through one call site per phase, because every distinct
+compiled copy of the GEMV loops costs seconds of compile time on first use (numba
+re-optimises callees per caller).
+
+Why addresses, and the thread cap inside: a decode step streams far more weight bytes
+than the last-level cache holds, so the Python and torch code between two expert calls
+runs from cold caches, where one torch attribute read or view costs 5-25 us instead of
+0.3 us. Handing the kernel two integers rather than numpy views made per call (two
+torch calls and a numpy array each) saves ~15 us per call of a DeepSeek-V2-Lite-sized
+int8 expert (~350 us) on the 2-core test VM. The caller (expert_ffn._decode) checks dtype,
+device, shape and contiguity before it passes an address.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core.extending import intrinsic
 
 from .gemv import gemv_bf16, gemv_int8
 from .int4_gemv import GROUP as INT4_GROUP
@@ -43,38 +53,52 @@ from .numba_util import njit_kernel
 from .tiles import bf16_to_f32, f32_to_bf16
 
 __all__ = ["decode_bf16", "decode_int8", "decode_int4", "decode_bf16_pool", "decode_int8_pool",
-           "decode_int4_pool", "NO_X", "NO_BITS"]
+           "decode_int4_pool"]
 
 # Rows per split unit: the GEMVs stream four rows side by side (gemv._step4), so
 # chunks of whole 4-row blocks keep every thread on its fast path.
 ROWS = 4
 
-# The unused one of (x_1D, bits_1D) / (y_1D, ybits_1D).
-NO_X = np.empty((1, 0), np.float32)
-NO_BITS = np.empty((1, 0), np.int16)
+
+def _raw_pointer(elem):
+    """An intrinsic turning an integer address into a numba pointer to ``elem``."""
+    def impl(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(elem).as_pointer())
+
+        return types.CPointer(elem)(addr), codegen
+    return intrinsic(impl)
+
+
+_f32_at = _raw_pointer(types.float32)
+_u16_at = _raw_pointer(types.uint16)
 
 
 @njit_kernel(parallel=False)
-def _load_x(x_1D, bits_1D, D):
-    """The token as float32 [D], from x_1D or (if not empty) the bf16 bits bits_1D."""
-    if bits_1D.shape[1] == 0:
-        return x_1D[0].copy()
+def _load_x(xa, bf16, D):
+    """The token at address xa (D float32 values, or D bf16 bit patterns) as float32 [D]."""
+    if not bf16:
+        return numba.carray(_f32_at(xa), (D,)).copy()
+    b_D = numba.carray(_u16_at(xa), (D,))
     xf_D = np.empty(D, np.float32)
-    b_D = bits_1D[0]
     for d in range(D):
-        xf_D[d] = bf16_to_f32(np.uint16(b_D[d]))
+        xf_D[d] = bf16_to_f32(b_D[d])
     return xf_D
 
 
 @njit_kernel(parallel=False)
-def _store_y(y_D, y_1D, ybits_1D):
-    """y_D into y_1D or (if not empty) ybits_1D as bf16 bits."""
-    if ybits_1D.shape[1] == 0:
-        y_1D[0, :] = y_D
-    else:
-        b_D = ybits_1D[0]
-        for d in range(y_D.shape[0]):
-            b_D[d] = np.int16(f32_to_bf16(y_D[d]))
+def _store_y(y_D, ya, bf16):
+    """y_D to address ya, as float32 or (bf16) as bf16 bit patterns."""
+    D = y_D.shape[0]
+    if not bf16:
+        numba.carray(_f32_at(ya), (D,))[:] = y_D
+        return
+    b_D = numba.carray(_u16_at(ya), (D,))
+    for d in range(D):
+        b_D[d] = f32_to_bf16(y_D[d])
 
 
 @njit_kernel(parallel=False)
@@ -118,21 +142,21 @@ def _down_bf16(c, nch, h_F, w2, y_D):
 
 
 @njit_kernel(parallel=False)
-def decode_bf16(x_1D, bits_1D, w13, w2, y_1D, ybits_1D):
+def decode_bf16(xa, ya, bf16, w13, w2):
     """y = expert(x) with bf16 weights (uint16 bits) w13 [2F, D], w2 [D, F]; calling thread."""
     D, F = w2.shape
     h_F = np.empty(F, np.float32)
     y_D = np.empty(D, np.float32)
-    _up_bf16(0, 1, _load_x(x_1D, bits_1D, D), w13, np.empty(2 * F, np.float32), h_F)
+    _up_bf16(0, 1, _load_x(xa, bf16, D), w13, np.empty(2 * F, np.float32), h_F)
     _down_bf16(0, 1, h_F, w2, y_D)
-    _store_y(y_D, y_1D, ybits_1D)
+    _store_y(y_D, ya, bf16)
 
 
 @njit_kernel()
-def decode_bf16_pool(x_1D, bits_1D, w13, w2, y_1D, ybits_1D, nch):
+def decode_bf16_pool(xa, ya, bf16, w13, w2, nch):
     """decode_bf16 in two phases of nch chunks on the thread pool."""
     D, F = w2.shape
-    x_D = _load_x(x_1D, bits_1D, D)
+    x_D = _load_x(xa, bf16, D)
     gu_2F = np.empty(2 * F, np.float32)
     h_F = np.empty(F, np.float32)
     y_D = np.empty(D, np.float32)
@@ -141,7 +165,7 @@ def decode_bf16_pool(x_1D, bits_1D, w13, w2, y_1D, ybits_1D, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_bf16(c, n2, h_F, w2, y_D)
-    _store_y(y_D, y_1D, ybits_1D)
+    _store_y(y_D, ya, bf16)
 
 
 # ---------------------------------------------------------------- int8
@@ -162,21 +186,21 @@ def _down_int8(c, nch, h_F, q2, s2, y_D):
 
 
 @njit_kernel(parallel=False)
-def decode_int8(x_1D, bits_1D, q13, s13, q2, s2, y_1D, ybits_1D):
+def decode_int8(xa, ya, bf16, q13, s13, q2, s2):
     """y = expert(x) with int8 weights q13 [2F, D], s13 [2F], q2 [D, F], s2 [D]; calling thread."""
     D, F = q2.shape
     h_F = np.empty(F, np.float32)
     y_D = np.empty(D, np.float32)
-    _up_int8(0, 1, _load_x(x_1D, bits_1D, D), q13, s13, np.empty(2 * F, np.float32), h_F)
+    _up_int8(0, 1, _load_x(xa, bf16, D), q13, s13, np.empty(2 * F, np.float32), h_F)
     _down_int8(0, 1, h_F, q2, s2, y_D)
-    _store_y(y_D, y_1D, ybits_1D)
+    _store_y(y_D, ya, bf16)
 
 
 @njit_kernel()
-def decode_int8_pool(x_1D, bits_1D, q13, s13, q2, s2, y_1D, ybits_1D, nch):
+def decode_int8_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     """decode_int8 in two phases of nch chunks on the thread pool."""
     D, F = q2.shape
-    x_D = _load_x(x_1D, bits_1D, D)
+    x_D = _load_x(xa, bf16, D)
     gu_2F = np.empty(2 * F, np.float32)
     h_F = np.empty(F, np.float32)
     y_D = np.empty(D, np.float32)
@@ -185,7 +209,7 @@ def decode_int8_pool(x_1D, bits_1D, q13, s13, q2, s2, y_1D, ybits_1D, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int8(c, n2, h_F, q2, s2, y_D)
-    _store_y(y_D, y_1D, ybits_1D)
+    _store_y(y_D, ya, bf16)
 
 
 # ---------------------------------------------------------------- int4
@@ -216,27 +240,27 @@ def _int4_scratch(x_D, s13, s2, F):
 
 
 @njit_kernel(parallel=False)
-def decode_int4(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D):
+def decode_int4(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
     """y = expert(x) with int4 weights, group 128: packed p13 [2F, P13] and its int32 view
     w13, scales s13 [2F, G13]; p2 [D, P2], w2, s2 [D, G2] (int4_gemv.py); calling thread."""
     D = p2.shape[0]
     F = p13.shape[0] // 2
-    x_D = _load_x(x_1D, bits_1D, D)
+    x_D = _load_x(xa, bf16, D)
     xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
     y_D = np.empty(D, np.float32)
     _up_int4(0, 1, x_D, xp_D, xsum_G, p13, w13, s13, gu_2F, h_F)
     permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
     _down_int4(0, 1, h_F, hp_F, hsum_G, p2, w2, s2, y_D)
-    _store_y(y_D, y_1D, ybits_1D)
+    _store_y(y_D, ya, bf16)
 
 
 @njit_kernel()
-def decode_int4_pool(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D, nch):
+def decode_int4_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     """decode_int4 in two phases of nch chunks on the thread pool (h is permuted for
     the w2 GEMV between them, on the calling thread: F values, ~1 us)."""
     D = p2.shape[0]
     F = p13.shape[0] // 2
-    x_D = _load_x(x_1D, bits_1D, D)
+    x_D = _load_x(xa, bf16, D)
     xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
     y_D = np.empty(D, np.float32)
     for c in prange(nch):
@@ -245,4 +269,4 @@ def decode_int4_pool(x_1D, bits_1D, p13, w13, s13, p2, w2, s2, y_1D, ybits_1D, n
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4(c, n2, h_F, hp_F, hsum_G, p2, w2, s2, y_D)
-    _store_y(y_D, y_1D, ybits_1D)
+    _store_y(y_D, ya, bf16)

@@ -42,7 +42,7 @@ from . import expert_ffn_kernels as K
 from .int4_kernels import matmul_int4, matmul_int4_serial
 from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
-from .numba_util import launch_guard, thread_cap, thread_cap_check
+from .numba_util import launch_guard, launches_concurrent, thread_cap, thread_cap_check
 from .quant import Int4Weight, Int8Weight
 from .weight_views import Weight, WeightInfo, weight_info
 
@@ -76,23 +76,28 @@ def weight_nbytes(w: Weight) -> int:
     return w.numel() * w.element_size()
 
 
-def _decode(x_TD: torch.Tensor, i13: WeightInfo, i2: WeightInfo, y_TD: torch.Tensor,
-            num_threads: int | None) -> None:
-    """The fused T == 1 path (decode.py); both weights have the decode format i13.fmt."""
-    if x_TD.dtype == torch.bfloat16:  # bf16 bits travel as int16 (no widened copy)
-        io = (Dk.NO_X, x_TD.view(torch.int16).numpy())
-        out = (Dk.NO_X, y_TD.view(torch.int16).numpy())
-    else:
-        io = (x_TD.numpy(), Dk.NO_BITS)
-        out = (y_TD.numpy(), Dk.NO_BITS)
-    args = io + i13.views + i2.views + out
+def _decode(x_TD: torch.Tensor, bf16: bool, i13: WeightInfo, i2: WeightInfo, out: torch.Tensor | None,
+            num_threads: int | None) -> torch.Tensor:
+    """The fused T == 1 path (decode.py); both weights have the decode format i13.fmt.
+
+    Written for few torch calls: between two experts the caches hold weight bytes, not
+    this code, and each torch call here costs microseconds (decode.py, "Why addresses").
+    x_TD and out have passed _check (CPU, 2-D, [1, D], float32 or bfloat16).
+    """
+    if not x_TD.is_contiguous():  # [1, D]: only a non-unit column stride
+        x_TD = x_TD.contiguous()
+    y_TD = out if out is not None else torch.empty(x_TD.shape, dtype=x_TD.dtype)
+    args = (x_TD.data_ptr(), y_TD.data_ptr(), bf16) + i13.views + i2.views
     kernels = _DECODE[i13.fmt]
     nthreads = numba.get_num_threads() if num_threads is None else num_threads
-    if nthreads > 1 and i13.nbytes + i2.nbytes >= SERIAL_BYTES:
+    if nthreads == 1 or i13.nbytes + i2.nbytes < SERIAL_BYTES:
+        kernels[0](*args)  # on the calling thread: no launch, so no thread cap or launch lock
+    elif num_threads is None and launches_concurrent():
+        kernels[1](*args, nthreads)  # the common case, without the context managers' cost
+    else:
         with thread_cap(num_threads), launch_guard():
             kernels[1](*args, nthreads)
-    else:  # on the calling thread: no launch, so no thread cap or launch lock either
-        kernels[0](*args)
+    return y_TD
 
 
 # decode format -> (calling-thread kernel, thread-pool kernel)
@@ -146,16 +151,22 @@ def _matmul_serial(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
 
 
 def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight,
-           out: torch.Tensor | None) -> tuple[int, int, int, WeightInfo, WeightInfo]:
+           out: torch.Tensor | None) -> tuple[int, int, int, WeightInfo, WeightInfo, bool]:
+    """(T, D, F, w13 info, w2 info, x is bfloat16) after checking every argument.
+
+    Each tensor attribute is read once (see _decode on why torch calls are counted).
+    """
     if not isinstance(x_TD, torch.Tensor):
         raise TypeError(f"x_TD must be a torch.Tensor, got {type(x_TD).__name__}")
-    if x_TD.dim() != 2:
-        raise ValueError(f"x_TD must be 2-D [tokens, model_dim], got shape {tuple(x_TD.shape)}")
-    if x_TD.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"x_TD must be float32 or bfloat16, got {x_TD.dtype}")
+    shape = x_TD.shape
+    if len(shape) != 2:
+        raise ValueError(f"x_TD must be 2-D [tokens, model_dim], got shape {tuple(shape)}")
+    dtype = x_TD.dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        raise ValueError(f"x_TD must be float32 or bfloat16, got {dtype}")
     if not x_TD.is_cpu:
         raise ValueError(f"x_TD must be on the CPU, got device {x_TD.device}")
-    T, D = x_TD.shape
+    T, D = shape
     i13, i2 = weight_info(w13, "w13"), weight_info(w2, "w2")
     r13, c13 = i13.shape
     r2, c2 = i2.shape
@@ -169,12 +180,13 @@ def _check(x_TD: torch.Tensor, w13: Weight, w2: Weight,
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-        if out.shape != (T, D) or out.dtype != x_TD.dtype or not out.is_cpu:
-            raise ValueError(f"out must be a CPU {x_TD.dtype} tensor of shape ({T}, {D}); "
-                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        o_shape, o_dtype = out.shape, out.dtype
+        if o_shape != shape or o_dtype is not dtype or not out.is_cpu:
+            raise ValueError(f"out must be a CPU {dtype} tensor of shape ({T}, {D}); "
+                             f"got {o_dtype} {tuple(o_shape)} on {out.device}")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    return T, D, F_, i13, i2
+    return T, D, F_, i13, i2, dtype is torch.bfloat16
 
 
 def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | None = None, *,
@@ -188,7 +200,11 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
     (None: the thread's current numba setting, by default all cores). Inference only:
     no autograd.
     """
-    T, D, F_, i13, i2 = _check(x_TD, w13, w2, out)
+    T, D, F_, i13, i2, bf16 = _check(x_TD, w13, w2, out)
+    if num_threads is not None:
+        thread_cap_check(num_threads)
+    if T == 1 and D > 0 and F_ > 0 and i13.fmt is not None and i13.fmt == i2.fmt:
+        return _decode(x_TD, bf16, i13, i2, out, num_threads)
     y_TD = out if out is not None else torch.empty((T, D), dtype=x_TD.dtype)
     if T == 0 or D == 0:
         return y_TD
@@ -197,12 +213,6 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
     if x_TD.requires_grad:
         x_TD = x_TD.detach()
     x_TD = x_TD.contiguous()
-    if T == 1 and i13.fmt is not None and i13.fmt == i2.fmt:
-        if num_threads is not None:
-            thread_cap_check(num_threads)
-        _decode(x_TD, i13, i2, y_TD, num_threads)
-        return y_TD
-    bf16 = x_TD.dtype == torch.bfloat16
     # Layout of the workspace: gu_T2F | h_TF | (bf16 only) xf_TD | yf_TD.
     n_mid = T * 3 * F_
     ws = _workspace(n_mid + (2 * T * D if bf16 else 0))
@@ -233,7 +243,7 @@ def _dense_f32(w: Weight) -> torch.Tensor:
 
 def expert_ffn_reference(x_TD: torch.Tensor, w13: Weight, w2: Weight) -> torch.Tensor:
     """Plain-torch definition of `expert_ffn` (fp32 math; quantised weights dequantised)."""
-    T, D, F_, _, _ = _check(x_TD, w13, w2, None)
+    T, D, F_, _, _, _ = _check(x_TD, w13, w2, None)
     w13_2FD, w2_DF = _dense_f32(w13), _dense_f32(w2)
     gu_T2F = x_TD.to(torch.float32) @ w13_2FD.T
     h_TF = F.silu(gu_T2F[:, :F_]) * gu_T2F[:, F_:]

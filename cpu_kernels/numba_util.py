@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 
 import numba
 
-__all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "max_threads"]
+__all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "launches_concurrent", "max_threads"]
 
 _launch_lock = threading.Lock()
 # None until the first launch has picked a layer; then True when launches must be serialised.
@@ -102,6 +102,12 @@ def thread_cap(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+def launches_concurrent() -> bool:
+    """True once a launch has shown that the threading layer takes concurrent launches,
+    so a caller may skip launch_guard (and its context-manager cost)."""
+    return _serialise is False
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -100,11 +101,7 @@ def test_decode_kernel_matches_reference(D, F, fmt, nch, parallel, x_dtype):
     y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
     i13, i2 = weight_info(w13, "w13"), weight_info(w2, "w2")
     assert i13.fmt == i2.fmt == fmt
-    if x_dtype == torch.bfloat16:
-        io = (Dk.NO_X, x_TD.view(torch.int16).numpy()), (Dk.NO_X, y_TD.view(torch.int16).numpy())
-    else:
-        io = (x_TD.numpy(), Dk.NO_BITS), (y_TD.numpy(), Dk.NO_BITS)
-    args = io[0] + i13.views + i2.views + io[1]
+    args = (x_TD.data_ptr(), y_TD.data_ptr(), x_dtype == torch.bfloat16) + i13.views + i2.views
     if parallel:
         getattr(Dk, f"decode_{fmt}_pool")(*args, nch)
     else:
@@ -127,6 +124,34 @@ def test_expert_ffn_takes_decode_path(fmt, serial_bytes, monkeypatch):
     torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2),
                                rtol=1e-4, atol=1e-5)
     assert calls == [serial_bytes == 0]
+
+
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+@pytest.mark.parametrize("num_threads", [None, 1, 2])
+def test_expert_ffn_decode_strided_token_and_thread_cap(fmt, num_threads, monkeypatch):
+    """A [1, D] token with a column stride is copied before its address is taken; a
+    thread cap applies to the call only; out is written in place."""
+    monkeypatch.setattr(expert_ffn_module, "SERIAL_BYTES", 0)
+    w13, w2 = _weights(264, 136, fmt)
+    x_TD = torch.randn(1, 2 * 264)[:, ::2]
+    assert not x_TD.is_contiguous()
+    out = torch.full((1, 264), float("nan"))
+    before = numba.get_num_threads()
+    y_TD = expert_ffn(x_TD, w13, w2, out=out, num_threads=num_threads)
+    assert y_TD is out and numba.get_num_threads() == before
+    torch.testing.assert_close(out, expert_ffn_reference(x_TD.contiguous(), w13, w2), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_ffn_decode_rejects_bad_out():
+    """The decode path checks out like every other path: shape, dtype, contiguity."""
+    w13, w2 = _weights(264, 136, "int8")
+    x_TD = torch.randn(1, 264)
+    with pytest.raises(ValueError, match="out must be a CPU torch.float32 tensor of shape"):
+        expert_ffn(x_TD, w13, w2, out=torch.empty(1, 264, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be a CPU"):
+        expert_ffn(x_TD, w13, w2, out=torch.empty(2, 264))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        expert_ffn(x_TD, w13, w2, out=torch.empty(1, 528)[:, ::2])
 
 
 def test_mixed_or_unsupported_formats_fall_back():
