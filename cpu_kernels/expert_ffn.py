@@ -89,11 +89,14 @@ def _decode(x_TD: torch.Tensor, bf16: bool, i13: WeightInfo, i2: WeightInfo, out
     y_TD = out if out is not None else torch.empty(x_TD.shape, dtype=x_TD.dtype)
     args = (x_TD.data_ptr(), y_TD.data_ptr(), bf16) + i13.views + i2.views
     kernels = _DECODE[i13.fmt]
-    nthreads = numba.get_num_threads() if num_threads is None else num_threads
+    current = numba.get_num_threads()
+    nthreads = current if num_threads is None else num_threads
     if nthreads == 1 or i13.nbytes + i2.nbytes < SERIAL_BYTES:
         kernels[0](*args)  # on the calling thread: no launch, so no thread cap or launch lock
-    elif num_threads is None and launches_concurrent():
-        kernels[1](*args, nthreads)  # the common case, without the context managers' cost
+    elif nthreads == current and launches_concurrent():
+        # The common case (no cap, or a cap equal to the setting): no set_num_threads
+        # round trip and no context managers, each several microseconds from cold caches.
+        kernels[1](*args, nthreads)
     else:
         with thread_cap(num_threads), launch_guard():
             kernels[1](*args, nthreads)
