@@ -19,6 +19,12 @@ and subtract. The old byte-wise loop (int4_kernels) widened bytes to words and r
 every group to a scalar, and ran at ~11 G values/s per core here, compute-bound
 below the DRAM rate; this one runs at ~26 G values/s (L2-resident, one core).
 
+Tried and not used: decoding in 16-bit lanes (vpermw from a bf16 table) and dotting
+with vdpbf16ps (32 products per instruction, AVX512-BF16, through inline assembly)
+ran at ~23 G values/s against this loop's ~26 on the same L2-resident rows (and ~30
+with the table decode left out): on this core vdpbf16ps and vpermw cost more than the
+shift + vpermps + FMA they replace.
+
 The window starts on a group boundary; it may end with the row's shorter last group,
 which is dotted byte by byte (int4_kernels._int4_tail_dot, with xsum_G). Rows need
 P % 4 == 0 so that every group starts on a word (expert_ffn falls back otherwise).
