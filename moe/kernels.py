@@ -15,9 +15,10 @@ from moe.gpu_kernels import fused_moe_reference
 __all__ = ["cpu_expert_ffn", "device_fused_moe"]
 
 
-def cpu_expert_ffn(x_TD: torch.Tensor, w13_2FD, w2_DF, *, num_threads: int | None = None) -> torch.Tensor:
-    """y_TD = SwiGLU expert of x_TD on the CPU; x's dtype out."""
-    return expert_ffn(x_TD, w13_2FD, w2_DF, num_threads=num_threads)
+def cpu_expert_ffn(x_TD: torch.Tensor, w13_2FD, w2_DF, *, out: torch.Tensor | None = None,
+                   num_threads: int | None = None) -> torch.Tensor:
+    """y_TD = SwiGLU expert of x_TD on the CPU (into `out` when given); x's dtype out."""
+    return expert_ffn(x_TD, w13_2FD, w2_DF, out, num_threads=num_threads)
 
 
 def device_fused_moe(x_TD, w13_N2FD, w2_NDF, ids_TK, weights_TK, expert_map_E) -> torch.Tensor:

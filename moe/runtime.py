@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from moe.config import RuntimeConfig
@@ -136,16 +137,30 @@ class RoutedExperts:
             fn(layer, ids_cpu_TK, w_cpu_TK)
         prefetcher = rt.prefetcher
 
-        order_N, offsets_E1 = group_by_expert(ids_cpu_TK, E)
-        counts_E = offsets_E1[1:] - offsets_E1[:-1]
-        active = counts_E.nonzero().flatten().tolist()
-        scores_E = torch.zeros(E, dtype=torch.float32).index_add_(
-            0, ids_cpu_TK.reshape(-1), w_cpu_TK.reshape(-1).float()) / T
-        cache.policy.observe_routing(layer, scores_E.numpy(), active)
+        # Routing bookkeeping in Python lists and numpy rather than one small torch op per
+        # value: at decode these run from cold caches between expert kernels, where each
+        # torch call costs several microseconds (see _OneTokenCPU).
+        ids_N = ids_cpu_TK.numpy().reshape(-1)
+        w_N = w_cpu_TK.float().numpy().reshape(-1)
+        scores_E = np.zeros(E, np.float32)
+        ids = ids_N.tolist() if T == 1 else None
+        if ids is not None and len(set(ids)) == K:  # one token, distinct ids: one row each
+            counts = dict.fromkeys(ids, 1)
+            active = sorted(counts)
+            scores_E[ids_N] = w_N
+            order_N = offsets = None  # the general CPU path is not taken (_OneTokenCPU)
+        else:
+            order_N, offsets_E1 = group_by_expert(ids_cpu_TK, E)
+            offsets = offsets_E1.tolist()
+            counts = {e: offsets[e + 1] - offsets[e] for e in range(E)}
+            active = [e for e in range(E) if counts[e]]
+            np.add.at(scores_E, ids_N, w_N)
+            scores_E /= np.float32(T)
+        cache.policy.observe_routing(layer, scores_E, active)
         if prefetcher is not None:
             prefetcher.observe(layer, ids_cpu_TK, active)
 
-        items = [WorkItem(key=e, tokens=int(counts_E[e]), weight_bytes=store.expert_bytes,
+        items = [WorkItem(key=e, tokens=counts[e], weight_bytes=store.expert_bytes,
                           flops_per_token=rt.flops_per_token, cached=bool(cache.resident(layer, e)),
                           cpu_read_bytes=rt.cpu_expert_bytes)
                  for e in active]
@@ -167,9 +182,13 @@ class RoutedExperts:
         flat_w_N = w_cpu_TK.reshape(-1)
         cpu_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         result: list[torch.Tensor] = []
+        one = _OneTokenCPU(x_host_TD, ids_cpu_TK, w_cpu_TK) if order_N is None and x_host_TD is not None else None
 
         def run_cpu(e: int) -> None:
-            pairs = order_N[offsets_E1[e]:offsets_E1[e + 1]]
+            if one is not None:
+                one.run(store, layer, e, rt.config.cpu_threads)
+                return
+            pairs = order_N[offsets[e]:offsets[e + 1]]
             cpu_out[e] = _cpu_expert(store, layer, e, x_host_TD, pairs // K, flat_w_N[pairs],
                                      rt.config.cpu_threads)
 
@@ -190,20 +209,59 @@ class RoutedExperts:
         rt.executor.run(plan, run_cpu=run_cpu, start_copy=start_copy, run_device=run_device)
         if prefetcher is not None and not prefetched:
             prefetcher.issue(layer, x_TD, [], plan.makespan_s)
-        y_TD = result[0] if result else torch.zeros_like(x_TD)
-        if cpu_out:
-            y_cpu_TD = torch.zeros(x_TD.shape, dtype=x_TD.dtype)
+        y_cpu_TD = one.combine() if one is not None else None
+        if cpu_out:  # weighted rows summed in fp32, rounded once to x's dtype
+            y_cpu_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
             for e in sorted(cpu_out):  # fixed order: results do not depend on thread timing
                 tok_M, y_MD = cpu_out[e]
                 y_cpu_TD.index_add_(0, tok_M, y_MD)
-            y_TD = y_TD + y_cpu_TD.to(y_TD.device, non_blocking=True)
-        return y_TD
+            y_cpu_TD = y_cpu_TD.to(x_TD.dtype)
+        if not result:
+            return y_cpu_TD.to(x_TD.device) if y_cpu_TD is not None else torch.zeros_like(x_TD)
+        if y_cpu_TD is None:
+            return result[0]
+        return result[0] + y_cpu_TD.to(x_TD.device, non_blocking=True)
+
+
+class _OneTokenCPU:
+    """CPU experts of a one-token layer call (decode at batch 1), with few torch calls.
+
+    Between two experts the caches hold weight bytes, so every torch op here runs from
+    cold caches at several microseconds each (cpu_kernels/decode.py, "Why addresses").
+    The general path (_cpu_expert: slice the routing, gather rows, kernel, scale, cast,
+    then index_add) cost ~100 us per expert on top of the kernel on the 2-core test VM;
+    here each expert is one kernel call writing its own row of y_KD, and the layer
+    scales and sums the rows in one product (fp32, rounded once, as the general path).
+    """
+
+    def __init__(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, w_1K: torch.Tensor) -> None:
+        self.x_1D = x_1D.contiguous()  # once here, not in every kernel call
+        ids = ids_1K[0].tolist()
+        self.slot = {e: k for k, e in enumerate(ids)}
+        self.w_K = w_1K[0]
+        self.y_KD = torch.empty((len(ids), x_1D.shape[1]), dtype=x_1D.dtype)
+        self.rows = self.y_KD.view(len(ids), 1, -1).unbind(0)  # [1, D] views, made once
+        self.done: list[int] = []
+
+    def run(self, store: HostExpertStore, layer: int, e: int, threads: int | None) -> None:
+        w13_2FD, w2_DF = store.cpu_weights(layer, e)
+        cpu_expert_ffn(self.x_1D, w13_2FD, w2_DF, out=self.rows[self.slot[e]], num_threads=threads)
+        self.done.append(e)  # list.append is atomic: items may finish on several threads
+
+    def combine(self) -> torch.Tensor | None:
+        """sum over the finished experts of weight * row, in fp32 and expert order, then
+        rounded once to x's dtype (as the general path)."""
+        if not self.done:
+            return None
+        ks = torch.tensor([self.slot[e] for e in sorted(self.done)])  # fixed order
+        y_D = self.w_K[ks].float() @ self.y_KD[ks].float()
+        return y_D.to(self.y_KD.dtype).view(1, -1)
 
 
 def _cpu_expert(store: HostExpertStore, layer: int, e: int, x_TD: torch.Tensor,
                 tok_M: torch.Tensor, w_M: torch.Tensor,
                 threads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert on the CPU for its M routed rows; returns (rows, weighted output)."""
+    """One expert on the CPU for its M routed rows; returns (rows, weighted output in fp32)."""
     w13_2FD, w2_DF = store.cpu_weights(layer, e)
     y_MD = cpu_expert_ffn(x_TD.index_select(0, tok_M), w13_2FD, w2_DF, num_threads=threads)
-    return tok_M, (y_MD * w_M[:, None]).to(x_TD.dtype)
+    return tok_M, y_MD.float() * w_M[:, None].float()

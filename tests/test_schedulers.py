@@ -110,3 +110,49 @@ def test_quantized_cpu_experts_match_dequantized_reference(ckpt, reference, sche
     assert moe.stats(model)["cpu_expert_calls"] > 0
     rt = moe.wrapper.runtime_of(model)  # the planner sees the packed copy's smaller reads
     assert rt.cpu_expert_bytes == rt.store.cpu_expert_bytes < rt.store.expert_bytes / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheduler", ["cpu-only", "static"])
+def test_one_token_cpu_path_equals_general_path(ckpt, reference, dtype, scheduler, monkeypatch):
+    """A one-token layer call (decode at batch 1) takes the lean CPU path; its output
+    equals the general path's for the same token, alone or beside device experts."""
+    import moe.runtime as runtime
+
+    budget = reference[3]
+    model = moe.from_pretrained(ckpt, gpu_memory=budget, device="cpu", dtype=dtype,
+                                config=moe.RuntimeConfig(scheduler=scheduler))
+    rt = moe.wrapper.runtime_of(model)
+    routed = runtime.RoutedExperts(rt, 1)
+    g = torch.Generator().manual_seed(0)
+    x_1D = torch.randn(1, rt.store.hidden, generator=g).to(dtype)
+    ids_1K = torch.tensor([[7, 0, 6]])  # static pins the lowest ids: 0 on the device, 6 and 7 not
+    w_1K = torch.tensor([[0.5, 0.3, 0.2]], dtype=dtype)
+    made = []
+    lean = runtime._OneTokenCPU
+    monkeypatch.setattr(runtime, "_OneTokenCPU", lambda *a: made.append(1) or lean(*a))
+    before = moe.stats(model)["cpu_expert_calls"]
+    y_lean = routed(x_1D, ids_1K, w_1K)
+    want_cpu = 3 - len({7, 0, 6} & rt.hot_experts(1))
+    assert made and moe.stats(model)["cpu_expert_calls"] - before == want_cpu
+    assert want_cpu == (3 if scheduler == "cpu-only" else 2)
+    made.clear()
+    y_general = routed(x_1D.repeat(2, 1), ids_1K.repeat(2, 1), w_1K.repeat(2, 1))  # two rows: general path
+    assert not made
+    torch.testing.assert_close(y_general[0], y_general[1], rtol=0, atol=0)
+    torch.testing.assert_close(y_lean[0], y_general[0])  # both sum in fp32 and round once
+
+
+def test_one_token_with_a_repeated_expert_id_takes_the_general_path(ckpt):
+    """A router that names one expert twice for a token (not top-k, but possible from a
+    custom gate) still gets both weighted rows."""
+    import moe.runtime as runtime
+
+    model = moe.from_pretrained(ckpt, device="cpu", dtype=torch.float32,
+                                config=moe.RuntimeConfig(scheduler="cpu-only"))
+    rt = moe.wrapper.runtime_of(model)
+    routed = runtime.RoutedExperts(rt, 0)
+    x_1D = torch.randn(1, rt.store.hidden, generator=torch.Generator().manual_seed(1))
+    y_twice = routed(x_1D, torch.tensor([[3, 3, 5]]), torch.tensor([[0.25, 0.25, 0.5]]))
+    y_once = routed(x_1D, torch.tensor([[3, 5, 1]]), torch.tensor([[0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(y_twice, y_once)
