@@ -36,10 +36,15 @@ class LayerExecutor:
     single-threaded CPU items run side by side.
     """
 
-    def __init__(self, cpu_threads: int = 1) -> None:
+    def __init__(self, cpu_threads: int = 1, inline: bool = False) -> None:
+        """inline: run CPU items on the calling thread, one after another, before the
+        copies and the device call (no pool). For a CPU "device", where device work and
+        CPU items share the same cores, so overlapping them gains nothing; and numba's
+        and torch's OpenMP teams then start from one thread (see the runtime)."""
         if isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1:
             raise ValueError(f"cpu_threads must be an int >= 1, got {cpu_threads!r}")
         self.cpu_threads = cpu_threads
+        self.inline = bool(inline)
         self._pool: cf.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -48,6 +53,10 @@ class LayerExecutor:
             if self._pool is None:
                 self._pool = cf.ThreadPoolExecutor(max_workers=self.cpu_threads, thread_name_prefix="moe-cpu")
             return self._pool
+
+    def _on_pool_thread(self, pool: cf.ThreadPoolExecutor) -> bool:
+        # Waiting on a pool from one of its own threads would deadlock a one-thread pool.
+        return threading.current_thread() in getattr(pool, "_threads", ())
 
     def run(
         self,
@@ -64,9 +73,18 @@ class LayerExecutor:
         main_error: BaseException | None = None
         try:
             if cpu_keys:
-                pool = self._get_pool()
+                pool = None if self.inline else self._get_pool()
+                inline = pool is None or self._on_pool_thread(pool)
                 for key in cpu_keys:  # appended one by one: a failed submit still joins the rest
-                    futures.append(pool.submit(run_cpu, key))
+                    if inline:  # inline executor, or already on the pool (a layer run from a CPU item)
+                        fut: cf.Future = cf.Future()
+                        try:
+                            fut.set_result(run_cpu(key))
+                        except BaseException as exc:  # noqa: BLE001 - joined below like any item
+                            fut.set_exception(exc)
+                        futures.append(fut)
+                    else:
+                        futures.append(pool.submit(run_cpu, key))
             for key in plan.copy_order:
                 start_copy(key)
             if device_keys:

@@ -21,3 +21,9 @@ def test_bench_script_help_is_the_scripts(capsys):
     """Options after the suite name belong to the script (its --help, not moe's)."""
     assert main(["bench", "decode", "--help"]) == 0
     assert "--scale" in capsys.readouterr().out
+
+
+def test_bench_cpu_layer_names_a_bad_shape(capsys):
+    """The layer benchmark refuses an unknown shape before building anything."""
+    assert main(["bench", "cpu-layer", "--shapes", "mixtral-8x7b"]) == 2
+    assert "unknown shape 'mixtral-8x7b'" in capsys.readouterr().err

@@ -123,6 +123,7 @@ def test_one_token_cpu_path_equals_general_path(ckpt, reference, dtype, schedule
     model = moe.from_pretrained(ckpt, gpu_memory=budget, device="cpu", dtype=dtype,
                                 config=moe.RuntimeConfig(scheduler=scheduler))
     rt = moe.wrapper.runtime_of(model)
+    assert rt.executor.inline  # a CPU "device": CPU experts run on the calling thread
     routed = runtime.RoutedExperts(rt, 1)
     g = torch.Generator().manual_seed(0)
     x_1D = torch.randn(1, rt.store.hidden, generator=g).to(dtype)

@@ -1,5 +1,5 @@
 """`moe bench SUITE ...`: cache and predictor replays, all-to-all replay, and the
-benchmark scripts of bench/ (decode, CPU expert kernels, GPU fused MoE)."""
+benchmark scripts of bench/ (decode, CPU expert kernels and layers, GPU fused MoE)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ _SUITES = ("cache", "predictor", "a2a")
 _SCRIPTS = {
     "decode": ("decode.py", "prefill/decode tokens/s of every scheduler rule vs offload baselines"),
     "cpu-expert": ("cpu_expert.py", "CPU expert kernels in GB/s against the measured memory bandwidth"),
+    "cpu-layer": ("cpu_layer.py", "one MoE layer at batch-1 decode on the CPU: runtime vs kernels vs transformers"),
     "gpu-moe": ("gpu_moe.py", "Triton fused MoE against HBM bandwidth and the matmul rate (CUDA)"),
 }
 

@@ -176,3 +176,41 @@ def test_executor_is_reusable_and_checks_threads():
     assert sum(e[0] == "device" for e in rec.events) == 21
     with pytest.raises(ValueError, match="cpu_threads"):
         LayerExecutor(0)
+
+
+def test_inline_executor_runs_cpu_items_on_the_calling_thread_and_keeps_error_order():
+    """inline=True: CPU items run here, before copies and the device call; a failing item
+    does not stop the others, and a device error still wins over CPU errors."""
+    ex = LayerExecutor(inline=True)
+    rec = Recorder(fail={"cpu c2"})
+    where = []
+
+    def run_cpu(k):
+        where.append(threading.get_ident())
+        rec.log(f"cpu {k}")
+
+    with pytest.raises(RuntimeError, match="boom cpu c2") as info:
+        ex.run(_plan(), run_cpu=run_cpu, start_copy=lambda k: rec.log(f"copy {k}"),
+               run_device=lambda keys: rec.log("device"))
+    assert where == [threading.get_ident()] * 2
+    assert rec.events == ["cpu c1", "cpu c2", "copy p2", "copy p1", "device"]
+    rec2 = Recorder(fail={"cpu c1", "device"})
+    with pytest.raises(RuntimeError, match="boom device") as info:
+        ex.run(_plan(), run_cpu=lambda k: rec2.log(f"cpu {k}"), start_copy=lambda k: None,
+               run_device=lambda keys: rec2.log("device"))
+    assert "boom cpu c1" in "".join(info.value.__notes__)
+    assert ex._pool is None  # no thread was started
+
+
+def test_layer_run_from_a_pool_thread_runs_its_cpu_items_in_place():
+    """A layer started on the executor's own pool thread does not wait on itself."""
+    ex = LayerExecutor()
+    plan = LayerPlan(placement={"c1": C, "c2": C}, copy_order=[], makespan_s=1.0)
+    where = []
+    run = dict(run_cpu=lambda k: where.append(threading.get_ident()), start_copy=lambda k: None,
+               run_device=lambda keys: None)
+    pool = ex._get_pool()
+    pool_ident = pool.submit(threading.get_ident).result()
+    pool.submit(ex.run, plan, **run).result(timeout=5)
+    assert where == [pool_ident, pool_ident]
+    ex.close()
