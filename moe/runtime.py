@@ -58,10 +58,10 @@ class HybridRuntime:
         # One pool thread: CPU experts run one after another, each on all cores (the
         # parallel Numba kernel), which is the CPU model the planner optimises for.
         # With a CPU "device", CPU experts run on the calling thread. Overlap would gain
-        # nothing (same cores), and numba's kernels share libgomp with torch: once torch
-        # has started parallel regions from this thread, numba regions started from a
-        # second thread cost far more (DeepSeek-V2-Lite int8 expert ~530 vs ~380 us on the
-        # 2-core test VM; both teams are fine from one thread).
+        # nothing (same cores), and both libraries use OpenMP: once torch has run parallel
+        # regions from this thread, numba regions started from another thread cost far
+        # more (DeepSeek-V2-Lite int8 expert ~530 vs ~380 us on the 2-core test VM), from
+        # this thread they do not, and with torch held to one thread the gap disappears.
         self.executor = LayerExecutor(cpu_threads=1, inline=device.type == "cpu")
         self._hot: dict[int, frozenset[int]] = {}
         self.prefetcher = None  # set by install_runtime when a predictor is configured

@@ -40,7 +40,7 @@ class LayerExecutor:
         """inline: run CPU items on the calling thread, one after another, before the
         copies and the device call (no pool). For a CPU "device", where device work and
         CPU items share the same cores, so overlapping them gains nothing; and numba's
-        and torch's OpenMP teams then start from one thread (see the runtime)."""
+        and torch's parallel regions then start from one thread (see the runtime)."""
         if isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1:
             raise ValueError(f"cpu_threads must be an int >= 1, got {cpu_threads!r}")
         self.cpu_threads = cpu_threads
