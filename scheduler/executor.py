@@ -9,7 +9,9 @@ runtime records the events its device call waits on); `run_device(keys)` is one 
 call over every device item (cached ones first, then copies in flight, then new copies
 in copy order); `run_cpu(key)` computes one item on the CPU and may run on any pool
 thread, so it must be thread-safe (torch and nogil Numba kernels release the GIL, which
-is what lets CPU items overlap the device call).
+is what lets CPU items overlap the device call). An `inline` executor (for a CPU
+"device", where both sides share the cores) runs the CPU items on the calling thread
+first instead; so does any executor whose run() is called from its own pool thread.
 
 Errors: the layer always waits for every CPU item it submitted before returning or
 raising, so no item is still writing into the runtime's buffers afterwards. The first
