@@ -184,10 +184,10 @@ class RoutedExperts:
         rt.counters.add("tokens", T)
 
         x_host_TD = x_TD.detach().to("cpu") if len(device_keys) < len(items) else None
-        flat_w_N = w_cpu_TK.reshape(-1)
         cpu_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         result: list[torch.Tensor] = []
-        one = _OneTokenCPU(x_host_TD, ids_cpu_TK, w_cpu_TK) if order_N is None and x_host_TD is not None else None
+        one = _OneTokenCPU(x_host_TD, ids, w_cpu_TK) if order_N is None and x_host_TD is not None else None
+        flat_w_N = w_cpu_TK.reshape(-1) if one is None else None  # the general path's routing weights
 
         def run_cpu(e: int) -> None:
             if one is not None:
@@ -239,9 +239,9 @@ class _OneTokenCPU:
     scales and sums the rows in one product (fp32, rounded once, as the general path).
     """
 
-    def __init__(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, w_1K: torch.Tensor) -> None:
+    def __init__(self, x_1D: torch.Tensor, ids: list[int], w_1K: torch.Tensor) -> None:
+        """ids: the token's K distinct expert ids, as the layer already listed them."""
         self.x_1D = x_1D.contiguous()  # once here, not in every kernel call
-        ids = ids_1K[0].tolist()
         self.slot = {e: k for k, e in enumerate(ids)}
         self.w_K = w_1K[0]
         self.y_KD = torch.empty((len(ids), x_1D.shape[1]), dtype=x_1D.dtype)
