@@ -2,10 +2,11 @@
 import argparse
 import json
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -76,16 +77,31 @@ def test_launch_generate_matches_single_process_and_resumes(tmp_path):
     assert len(rounds) == 1  # every rank joined every round: those with less work drained
 
 
+def _drain(q):
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
+
+
 def test_launch_fails_fast_when_a_rank_dies(tmp_path):
     """Killing one rank mid-run ends the launcher with a non-zero exit and a message, well within the timeouts."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _LAUNCHER, "--nproc-per-node", "2", "--group-timeout", "20", "--self-check", "100000"],
         env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    # A reader thread, not select() on the buffered pipe: readline() may pull both ranks' lines into the
+    # buffer at once, after which select() sees an empty pipe and the second line is never looked at.
+    lines = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
+    reader.start()
     pid, seen, deadline = None, "", time.monotonic() + 60
     try:
         while pid is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-            line = proc.stderr.readline() if ready else ""
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
             seen += line
             if "rank 1/2 (pid " in line and "self-check" in line:
                 pid = int(line.split("(pid ")[1].split(")")[0])
@@ -93,7 +109,9 @@ def test_launch_fails_fast_when_a_rank_dies(tmp_path):
         time.sleep(1.0)  # let it reach the collectives
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        rest = proc.communicate(timeout=60)[1]
+        proc.wait(timeout=60)
+        reader.join(timeout=30)  # it ends at end of file, after the launcher's last line
+        rest = "".join(_drain(lines))
     finally:
         if proc.poll() is None:
             proc.kill()
