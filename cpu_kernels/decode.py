@@ -26,7 +26,11 @@ follows badly. On DeepSeek-V2-Lite int8 (w2 rows of 1408 bytes) the two-phase fo
 streams ~18% faster on the 2-core test VM; on Mixtral-sized experts the two are alike.
 
 Each format has two entry points: ``decode_<fmt>`` runs on the calling thread (C = 1,
-no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase. Every GEMV of a format goes through one call site per phase, because every distinct
+no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase. int8 and int4 have
+a second pair, ``decode_<fmt>_madd[_pool]``, which rounds the token and the hidden vector
+to 16-bit fixed point and multiplies by integer multiply-add (gemv_madd.py,
+int4_madd.py); expert_ffn uses them on AVX2 cores without AVX-512, where the fp32
+kernels are compute-bound below the DRAM rate. Every GEMV of a format goes through one call site per phase, because every distinct
 compiled copy of the GEMV loops costs seconds of compile time on first use (numba
 re-optimises callees per caller).
 
@@ -47,13 +51,15 @@ from numba import prange, types
 from numba.core.extending import intrinsic
 
 from .gemv import gemv_bf16, gemv_int8
+from .gemv_madd import gemv_int8_madd, quantize_x16
 from .int4_gemv import GROUP as INT4_GROUP
 from .int4_gemv import gemv_int4, permute_x
+from .int4_madd import gemv_int4_madd, permute_x16
 from .numba_util import njit_kernel
 from .tiles import bf16_to_f32, f32_to_bf16
 
 __all__ = ["decode_bf16", "decode_int8", "decode_int4", "decode_bf16_pool", "decode_int8_pool",
-           "decode_int4_pool"]
+           "decode_int4_pool", "decode_int8_madd", "decode_int8_madd_pool", "decode_int4_madd", "decode_int4_madd_pool"]
 
 # Rows per split unit: the GEMVs stream four rows side by side (gemv._step4), so
 # chunks of whole 4-row blocks keep every thread on its fast path.
@@ -212,6 +218,69 @@ def decode_int8_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     _store_y(y_D, ya, bf16)
 
 
+# ------------------------------------------------- int8 by 16-bit multiply-add
+# gemv_madd.py: the token (phase 1) and the hidden vector (phase 2) rounded to 16-bit
+# fixed point, int8 x int16 products summed exactly. xs < 0 marks a vector holding inf
+# or NaN, which takes the fp32 path above so that bad values propagate.
+
+@njit_kernel(parallel=False)
+def _up_int8_madd(c, nch, x_D, x16_D, xs, q13, s13, gu_2F, h_F):
+    if xs < 0:
+        _up_int8(c, nch, x_D, q13, s13, gu_2F, h_F)
+        return
+    F = h_F.shape[0]
+    lo, hi = _split(F, nch, c)
+    for part in range(2):  # gate rows, then up rows
+        gemv_int8_madd(x16_D, xs, q13, s13, gu_2F, part * F + lo, part * F + hi)
+    _swiglu(gu_2F, h_F, F, lo, hi)
+
+
+@njit_kernel(parallel=False)
+def _down_int8_madd(c, nch, h_F, h16_F, hs, q2, s2, y_D):
+    if hs < 0:
+        _down_int8(c, nch, h_F, q2, s2, y_D)
+        return
+    lo, hi = _split(y_D.shape[0], nch, c)
+    gemv_int8_madd(h16_F, hs, q2, s2, y_D, lo, hi)
+
+
+@njit_kernel(parallel=False)
+def decode_int8_madd(xa, ya, bf16, q13, s13, q2, s2):
+    """decode_int8 by 16-bit multiply-add (gemv_madd.py); calling thread."""
+    D, F = q2.shape
+    x_D = _load_x(xa, bf16, D)
+    x16_D = np.empty(D, np.int16)
+    xs = quantize_x16(x_D, x16_D)
+    h_F = np.empty(F, np.float32)
+    y_D = np.empty(D, np.float32)
+    _up_int8_madd(0, 1, x_D, x16_D, xs, q13, s13, np.empty(2 * F, np.float32), h_F)
+    h16_F = np.empty(F, np.int16)
+    hs = quantize_x16(h_F, h16_F)
+    _down_int8_madd(0, 1, h_F, h16_F, hs, q2, s2, y_D)
+    _store_y(y_D, ya, bf16)
+
+
+@njit_kernel()
+def decode_int8_madd_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
+    """decode_int8_madd in two phases of nch chunks on the thread pool (h is rounded to
+    16 bits between them, on the calling thread: F values, ~1 us)."""
+    D, F = q2.shape
+    x_D = _load_x(xa, bf16, D)
+    x16_D = np.empty(D, np.int16)
+    xs = quantize_x16(x_D, x16_D)
+    gu_2F = np.empty(2 * F, np.float32)
+    h_F = np.empty(F, np.float32)
+    y_D = np.empty(D, np.float32)
+    for c in prange(nch):
+        _up_int8_madd(c, nch, x_D, x16_D, xs, q13, s13, gu_2F, h_F)
+    h16_F = np.empty(F, np.int16)
+    hs = quantize_x16(h_F, h16_F)
+    n2 = _chunks2(nch, D)
+    for c in prange(n2):
+        _down_int8_madd(c, n2, h_F, h16_F, hs, q2, s2, y_D)
+    _store_y(y_D, ya, bf16)
+
+
 # ---------------------------------------------------------------- int4
 
 @njit_kernel(parallel=False)
@@ -269,4 +338,77 @@ def decode_int4_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4(c, n2, h_F, hp_F, hsum_G, p2, w2, s2, y_D)
+    _store_y(y_D, ya, bf16)
+
+
+# ------------------------------------------------- int4 by 16-bit multiply-add
+# int4_madd.py; as for int8, xs < 0 (inf or NaN) takes the fp32 path above.
+
+@njit_kernel(parallel=False)
+def _x16_for_int4(v_N, vq_N):
+    """The 16-bit permuted form of v_N (int4_madd.permute_x16) and its scale (< 0: none)."""
+    v16_N = np.empty(v_N.shape[0], np.int16)
+    vs = quantize_x16(v_N, v16_N)
+    if vs >= 0:
+        permute_x16(v16_N, vq_N)
+    return vs
+
+
+@njit_kernel(parallel=False)
+def _up_int4_madd(c, nch, x_D, xp_D, xq_D, xs, xsum_G, p13, w13, s13, gu_2F, h_F):
+    if xs < 0:
+        _up_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, gu_2F, h_F)
+        return
+    F = h_F.shape[0]
+    lo, hi = _split(F, nch, c)
+    for part in range(2):  # gate rows, then up rows
+        gemv_int4_madd(xq_D, xs, x_D, xsum_G, p13, w13, s13, gu_2F, part * F + lo, part * F + hi)
+    _swiglu(gu_2F, h_F, F, lo, hi)
+
+
+@njit_kernel(parallel=False)
+def _down_int4_madd(c, nch, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D):
+    if hs < 0:
+        _down_int4(c, nch, h_F, hp_F, hsum_G, p2, w2, s2, y_D)
+        return
+    lo, hi = _split(y_D.shape[0], nch, c)
+    gemv_int4_madd(hq_F, hs, h_F, hsum_G, p2, w2, s2, y_D, lo, hi)
+
+
+@njit_kernel(parallel=False)
+def decode_int4_madd(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
+    """decode_int4 by 16-bit multiply-add (int4_madd.py); calling thread."""
+    D = p2.shape[0]
+    F = p13.shape[0] // 2
+    x_D = _load_x(xa, bf16, D)
+    xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
+    xq_D = np.empty(D, np.int16)
+    xs = _x16_for_int4(x_D, xq_D)
+    y_D = np.empty(D, np.float32)
+    _up_int4_madd(0, 1, x_D, xp_D, xq_D, xs, xsum_G, p13, w13, s13, gu_2F, h_F)
+    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
+    hq_F = np.empty(F, np.int16)
+    hs = _x16_for_int4(h_F, hq_F)
+    _down_int4_madd(0, 1, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D)
+    _store_y(y_D, ya, bf16)
+
+
+@njit_kernel()
+def decode_int4_madd_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
+    """decode_int4_madd in two phases of nch chunks on the thread pool."""
+    D = p2.shape[0]
+    F = p13.shape[0] // 2
+    x_D = _load_x(xa, bf16, D)
+    xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
+    xq_D = np.empty(D, np.int16)
+    xs = _x16_for_int4(x_D, xq_D)
+    y_D = np.empty(D, np.float32)
+    for c in prange(nch):
+        _up_int4_madd(c, nch, x_D, xp_D, xq_D, xs, xsum_G, p13, w13, s13, gu_2F, h_F)
+    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
+    hq_F = np.empty(F, np.int16)
+    hs = _x16_for_int4(h_F, hq_F)
+    n2 = _chunks2(nch, D)
+    for c in prange(n2):
+        _down_int4_madd(c, n2, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D)
     _store_y(y_D, ya, bf16)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from . import decode as Dk
 from . import expert_ffn_kernels as K
+from .gemv_madd import MADD_DECODE
 from .int4_kernels import matmul_int4, matmul_int4_serial
 from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
@@ -104,8 +105,14 @@ def _decode(x_TD: torch.Tensor, bf16: bool, i13: WeightInfo, i2: WeightInfo, out
 
 
 # decode format -> (calling-thread kernel, thread-pool kernel)
-_DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8, Dk.decode_int8_pool),
-           "int4": (Dk.decode_int4, Dk.decode_int4_pool)}
+# int8 and int4: 16-bit multiply-add where measured faster (AVX2 without AVX-512;
+# gemv_madd.py, int4_madd.py); the fp32 kernels elsewhere.
+if MADD_DECODE:
+    _DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8_madd, Dk.decode_int8_madd_pool),
+               "int4": (Dk.decode_int4_madd, Dk.decode_int4_madd_pool)}
+else:
+    _DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8, Dk.decode_int8_pool),
+               "int4": (Dk.decode_int4, Dk.decode_int4_pool)}
 
 
 def _small_int4_views(x_TK: np.ndarray, w: Weight) -> tuple | None:

@@ -12,8 +12,11 @@ import torch
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
 from moe.cpu_kernels import decode as Dk
 from moe.cpu_kernels.gemv import gemv_bf16, gemv_int8
+from moe.cpu_kernels.gemv_madd import gemv_int8_madd, quantize_x16
 from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
+from moe.cpu_kernels.int4_madd import gemv_int4_madd, permute_x16
 from moe.cpu_kernels.weight_views import weight_info
+from kernel_tol import BF16, MADD, kernel_tol
 
 expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
 weight_views = importlib.import_module("moe.cpu_kernels.weight_views")
@@ -122,7 +125,7 @@ def test_expert_ffn_takes_decode_path(fmt, serial_bytes, monkeypatch):
     w13, w2 = _weights(264, 136, fmt)
     x_TD = torch.randn(1, 264)
     torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2),
-                               rtol=1e-4, atol=1e-5)
+                               **kernel_tol(torch.float32, fmt))
     assert calls == [serial_bytes == 0]
 
 
@@ -139,7 +142,7 @@ def test_expert_ffn_decode_strided_token_and_thread_cap(fmt, num_threads, monkey
     before = numba.get_num_threads()
     y_TD = expert_ffn(x_TD, w13, w2, out=out, num_threads=num_threads)
     assert y_TD is out and numba.get_num_threads() == before
-    torch.testing.assert_close(out, expert_ffn_reference(x_TD.contiguous(), w13, w2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, expert_ffn_reference(x_TD.contiguous(), w13, w2), **kernel_tol(torch.float32, fmt))
 
 
 def test_expert_ffn_decode_rejects_bad_out():
@@ -157,7 +160,10 @@ def test_expert_ffn_decode_rejects_bad_out():
 def test_mixed_or_unsupported_formats_fall_back():
     """Weights without a decode kernel (fp32, int4 group 64, mixed formats) still give the reference."""
     g = torch.Generator().manual_seed(3)
-    w13, w2 = torch.randn(272, 160, generator=g), torch.randn(160, 136, generator=g)
+    # Scaled like a model's weights: unscaled ones make O(1) outputs from O(100) partial
+    # sums, where the summation order alone (it differs between AVX2 and AVX-512 builds)
+    # moves the result by more than the tolerance.
+    w13, w2 = torch.randn(272, 160, generator=g) / 160 ** 0.5, torch.randn(160, 136, generator=g) / 136 ** 0.5
     x_TD = torch.randn(1, 160)
     for a, b in [(w13, w2), (quantize(w13, "int4", 64), quantize(w2, "int4", 64)),
                  (quantize(w13, "int8"), w2.bfloat16())]:
@@ -205,3 +211,144 @@ def test_int4_generic_lanes_without_avx512():
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_quantize_x16_scale_range_and_bad_values():
+    """The 16-bit token: power-of-two scale, |x16| <= 32767, exact for bf16 values within
+    a factor 128 of the max, error <= xs / 2 elsewhere; zeros give scale 0; inf or NaN give -1 (fp32 path)."""
+    x = torch.randn(999).bfloat16().float().numpy()
+    x[5] = torch.tensor(-np.abs(x).max() * 1.5).bfloat16().float()  # the largest magnitude is negative
+    x16 = np.empty(999, np.int16)
+    xs = quantize_x16(x, x16)
+    assert xs > 0 and np.log2(xs) == round(np.log2(xs)) and np.abs(x16.astype(np.int32)).max() <= 32767
+    err = np.abs(x16 * xs - x)
+    assert err.max() <= xs / 2
+    near = np.abs(x) >= np.abs(x).max() / 128
+    assert (err[near] == 0).all()
+    assert quantize_x16(np.zeros(7, np.float32), x16[:7]) == 0.0 and not x16[:7].any()
+    big = np.array([np.finfo(np.float32).max, -1.0], np.float32)  # rounds to +-32768: clamped
+    assert quantize_x16(big, x16[:2]) > 0 and x16[0] == 32767
+    for bad in (np.inf, -np.inf, np.nan):
+        assert quantize_x16(np.array([1.0, bad, 2.0], np.float32), x16[:3]) == -1.0
+
+
+@pytest.mark.parametrize("R,S", [(9, 256), (13, 520), (3, 2), (5, 31), (7, 33), (4, 4100)])
+def test_gemv_int8_madd_rows(R, S):
+    """gemv_int8_madd equals the dequantised rows times the 16-bit token exactly (up to
+    the final fp32 rounding), for rows shorter than one step, with tails, and over a flush."""
+    q = quantize(torch.randn(R, S), "int8")
+    x16 = np.random.default_rng(4).integers(-32767, 32768, S).astype(np.int16)
+    xs = 2.0 ** -12
+    out = np.full(R, np.nan, np.float32)
+    gemv_int8_madd(x16, xs, q.q_RC.numpy(), q.scale_R.numpy(), out, 0, R)
+    want = (q.q_RC.double() @ torch.from_numpy(x16).double()) * xs * q.scale_R.double()
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-6, atol=0)
+
+
+def test_gemv_int8_madd_extreme_codes_do_not_overflow():
+    """All codes -128 against all token values -32767 over 9000 columns (several int32
+    flushes) give the exact product."""
+    S = 9000
+    q = np.full((2, S), -128, np.int8)
+    x16 = np.full(S, -32767, np.int16)
+    out = np.empty(2, np.float32)
+    gemv_int8_madd(x16, 1.0, q, np.ones(2, np.float32), out, 0, 2)
+    assert (out == np.float32(128 * 32767 * S)).all()
+
+
+@pytest.mark.parametrize("D,F", DECODE_SHAPES)
+@pytest.mark.parametrize("nch", [None, 2, 3])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_decode_int8_madd_matches_reference(D, F, nch, x_dtype):
+    """The 16-bit multiply-add decode (used on AVX2 hosts; runs anywhere) equals the torch
+    expert within its documented rounding."""
+    w13, w2 = _weights(D, F, "int8")
+    x_TD = torch.randn(1, D).to(x_dtype)
+    y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
+    args = (x_TD.data_ptr(), y_TD.data_ptr(), x_dtype == torch.bfloat16) + weight_info(w13, "w13").views \
+        + weight_info(w2, "w2").views
+    Dk.decode_int8_madd(*args) if nch is None else Dk.decode_int8_madd_pool(*args, nch)
+    want = expert_ffn_reference(x_TD, w13, w2)
+    torch.testing.assert_close(y_TD, want, **(MADD if x_dtype == torch.float32 else BF16))
+
+
+@pytest.mark.parametrize("where", ["token", "hidden"])
+def test_decode_int8_madd_propagates_bad_values(where):
+    """inf or NaN in the token, or an overflowing hidden vector, take the fp32 path: the
+    output is not finite where the reference's is not."""
+    w13, w2 = _weights(160, 96, "int8")
+    x_TD = torch.randn(1, 160)
+    if where == "token":
+        x_TD[0, 7] = float("nan")
+    else:
+        x_TD *= 3e19  # gate and up overflow fp32: h holds inf or NaN
+    y_TD = torch.zeros(1, 160)
+    Dk.decode_int8_madd_pool(x_TD.data_ptr(), y_TD.data_ptr(), False, *weight_info(w13, "w13").views,
+                             *weight_info(w2, "w2").views, 2)
+    want = expert_ffn_reference(x_TD, w13, w2)
+    assert not torch.isfinite(want).all()
+    assert torch.equal(torch.isfinite(y_TD), torch.isfinite(want))
+
+
+def test_permute_x16_matches_the_lane_layout():
+    """xq[32p + j] of each full group is column 2j + p // 2 (+ 64 for odd p); the rest is copied."""
+    x16 = np.arange(300, dtype=np.int16)
+    xq = np.empty_like(x16)
+    permute_x16(x16, xq)
+    want = [g * 128 + 2 * j + p // 2 + 64 * (p % 2) for g in range(2) for p in range(4) for j in range(32)]
+    assert xq[:256].tolist() == want and xq[256:].tolist() == list(range(256, 300))
+
+
+@pytest.mark.parametrize("R,S", [(9, 256), (13, 520), (3, 136), (6, 1408), (5, 4096)])
+def test_gemv_int4_madd_rows(R, S):
+    """gemv_int4_madd equals the dequantised rows times the 16-bit token (plus the fp32
+    tail group), including rows that end with a shorter group."""
+    q = quantize(torch.randn(R, S), "int4", group_size=128)
+    p = q.packed_RB.numpy()
+    assert p.shape[1] % 4 == 0
+    x = np.random.default_rng(5).standard_normal(S).astype(np.float32)
+    x16 = np.empty(S, np.int16)
+    xs = quantize_x16(x, x16)
+    xq = np.empty_like(x16)
+    permute_x16(x16, xq)
+    xp, xsum = np.empty_like(x), np.empty(-(-S // 128), np.float32)
+    permute_x(x, 128, xp, xsum)
+    out = np.full(R, np.nan, np.float32)
+    gemv_int4_madd(xq, xs, x, xsum, p, p.view(np.int32), q.scale_RG.numpy(), out, 0, R)
+    full = S // 128 * 128
+    xr = np.concatenate([x16[:full] * xs, x[full:]]).astype(np.float64)  # the token as the kernel reads it
+    want = q.dequantize().double().numpy() @ xr
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("D,F", DECODE_SHAPES)
+@pytest.mark.parametrize("nch", [None, 2, 3])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_decode_int4_madd_matches_reference(D, F, nch, x_dtype):
+    """The int4 16-bit multiply-add decode (AVX2 hosts; runs anywhere) equals the torch
+    expert within its documented rounding."""
+    w13, w2 = _weights(D, F, "int4")
+    x_TD = torch.randn(1, D).to(x_dtype)
+    y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
+    args = (x_TD.data_ptr(), y_TD.data_ptr(), x_dtype == torch.bfloat16) + weight_info(w13, "w13").views \
+        + weight_info(w2, "w2").views
+    Dk.decode_int4_madd(*args) if nch is None else Dk.decode_int4_madd_pool(*args, nch)
+    torch.testing.assert_close(y_TD, expert_ffn_reference(x_TD, w13, w2),
+                               **(MADD if x_dtype == torch.float32 else BF16))
+
+
+@pytest.mark.parametrize("where", ["token", "hidden"])
+def test_decode_int4_madd_propagates_bad_values(where):
+    """As for int8: inf or NaN take the fp32 path and stay visible in the output."""
+    w13, w2 = _weights(264, 136, "int4")
+    x_TD = torch.randn(1, 264)
+    if where == "token":
+        x_TD[0, 200] = float("inf")
+    else:
+        x_TD *= 3e19
+    y_TD = torch.zeros(1, 264)
+    Dk.decode_int4_madd_pool(x_TD.data_ptr(), y_TD.data_ptr(), False, *weight_info(w13, "w13").views,
+                             *weight_info(w2, "w2").views, 2)
+    want = expert_ffn_reference(x_TD, w13, w2)
+    assert not torch.isfinite(want).all()
+    assert torch.equal(torch.isfinite(y_TD), torch.isfinite(want))

@@ -1,0 +1,22 @@
+"""Tolerances of the CPU expert kernels against expert_ffn_reference (shared by the tests)."""
+import torch
+
+from moe.cpu_kernels.gemv_madd import MADD_DECODE
+
+# Same weights, fp32 accumulation: only the summation order differs.
+FP32 = dict(rtol=1e-4, atol=1e-5)
+# bf16 output: one final rounding step on top.
+BF16 = dict(rtol=1.6e-2, atol=1e-3)
+# int8 and int4 decode by 16-bit multiply-add (gemv_madd.py, int4_madd.py; AVX2 hosts): the token and the hidden
+# vector are rounded to 16-bit fixed point; measured 1e-4 to 4e-4 of the largest output
+# (the tests' outputs are O(1) to O(4)).
+MADD = dict(rtol=2e-3, atol=2e-3)
+
+
+def kernel_tol(x_dtype=torch.float32, fmt: str = "", T: int = 1) -> dict:
+    """The tolerance for an expert_ffn result in x_dtype with weights in fmt and T tokens."""
+    if x_dtype == torch.bfloat16:
+        return BF16
+    if MADD_DECODE and fmt in ("int8", "int4", "int4-128") and T == 1:
+        return MADD
+    return FP32
