@@ -139,11 +139,10 @@ def gemv_int4_madd(xq_N, xs, x_N, xsum_G, p_RP, w_RW, scale_RG, out_R, r_lo, r_h
     tail = N > full * GROUP
     for r in range(r_lo, r_hi):
         base = r * S
-        for k in range(0, S, 16):  # one 64-byte line per 16 words
-            _prefetch_l2(flat, min(base + k + dist, last))
         acc_L[:] = 0.0
         sc = scale_RG[r]
-        for g in range(full):
+        for g in range(full):  # a group is one 64-byte line: prefetch one PF_BYTES ahead
+            _prefetch_l2(flat, min(base + g * _W + dist, last))
             _group_madd(flat, base + g * _W, xq_N, g * GROUP, acc_L, sc[g])
         tot = np.float32(0.0)
         for i in range(8):
