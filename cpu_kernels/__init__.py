@@ -7,14 +7,14 @@ weights fp32/bf16 tensors or packed objects from quantize(w, "int8" | "int4"). O
 <= 16: small_t.py, small_t_int4.py).
 """
 from .expert_ffn import expert_ffn, expert_ffn_reference, weight_nbytes
-from .membw import read_bandwidth_gbps
+from .membw import BandwidthProbe, read_bandwidth_gbps
 from .numba_util import max_threads, thread_cap
 from .quant import INT4_GROUP_SIZES, QUANT_SCHEMES, Int4Weight, Int8Weight, quantize
 
 __all__ = [
     "expert_ffn", "expert_ffn_reference", "weight_nbytes",
     "quantize", "Int8Weight", "Int4Weight", "QUANT_SCHEMES", "INT4_GROUP_SIZES",
-    "read_bandwidth_gbps", "thread_cap", "max_threads",
+    "read_bandwidth_gbps", "BandwidthProbe", "thread_cap", "max_threads",
 ]
 
 # Routing helpers shared by every model family (plain torch, any device).

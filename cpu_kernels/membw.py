@@ -14,7 +14,7 @@ from numba import prange
 
 from .numba_util import launch_guard, njit_kernel, thread_cap
 
-__all__ = ["read_bandwidth_gbps"]
+__all__ = ["read_bandwidth_gbps", "BandwidthProbe"]
 
 
 @njit_kernel(parallel=False)
@@ -42,14 +42,43 @@ def _chunked_sum(a_N, nch):
     return part.sum()
 
 
+def _check_probe_size(nbytes: int) -> None:
+    if nbytes < 4 << 20:
+        raise ValueError(f"nbytes must be >= 4 MiB to measure DRAM rather than cache, got {nbytes}")
+
+
+class BandwidthProbe:
+    """One read-bandwidth sample per call, over an array kept between calls.
+
+    For interleaving with the work being measured: on a shared machine the bandwidth
+    left to us drifts by tens of percent within minutes, so a rate is best compared with
+    samples taken in the same time windows. ``nbytes`` should be well above the
+    last-level cache (each sample then streams it from DRAM).
+    """
+
+    def __init__(self, nbytes: int = 256 << 20, num_threads: int | None = None) -> None:
+        _check_probe_size(nbytes)
+        self.num_threads = num_threads
+        self._a_N = np.ones(nbytes // 4, np.float32)  # written once so every page is really mapped
+        with thread_cap(num_threads), launch_guard():
+            _chunked_sum(self._a_N[: 1 << 16], numba.get_num_threads() * 4)  # compile / load
+
+    def sample(self) -> float:
+        """GB/s (1e9 bytes/s) of one pass over the array."""
+        with thread_cap(self.num_threads), launch_guard():
+            nch = numba.get_num_threads() * 4
+            t0 = time.perf_counter()
+            _chunked_sum(self._a_N, nch)
+            return self._a_N.nbytes / (time.perf_counter() - t0) / 1e9
+
+
 def read_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None) -> float:
     """Best-of-``repeats`` read bandwidth in GB/s (1e9 bytes/s) over an ``nbytes`` array.
 
     Best rather than median: the bound is what the hardware can do, not a typical run.
     ``nbytes`` should be well above the last-level cache (default 1 GiB).
     """
-    if nbytes < 4 << 20:
-        raise ValueError(f"nbytes must be >= 4 MiB to measure DRAM rather than cache, got {nbytes}")
+    _check_probe_size(nbytes)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     a_N = np.ones(nbytes // 4, np.float32)  # written once so every page is really mapped

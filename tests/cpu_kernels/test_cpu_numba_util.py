@@ -4,7 +4,7 @@ import threading
 import numba
 import pytest
 
-from moe.cpu_kernels import numba_util, read_bandwidth_gbps, thread_cap
+from moe.cpu_kernels import BandwidthProbe, numba_util, read_bandwidth_gbps, thread_cap
 
 
 def test_njit_kernel_falls_back_when_cache_is_unavailable(monkeypatch):
@@ -56,6 +56,14 @@ def test_read_bandwidth_probe_runs_and_validates():
         read_bandwidth_gbps(1 << 20)
     with pytest.raises(ValueError, match="repeats"):
         read_bandwidth_gbps(8 << 20, repeats=0)
+
+
+def test_bandwidth_probe_samples_and_validates():
+    """The interleavable probe gives one positive sample per call and rejects cache-sized arrays."""
+    probe = BandwidthProbe(8 << 20, num_threads=1)
+    assert all(probe.sample() > 0 for _ in range(3))
+    with pytest.raises(ValueError, match="nbytes must be"):
+        BandwidthProbe(1 << 20)
 
 
 _WORKQUEUE_SCRIPT = """
