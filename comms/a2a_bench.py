@@ -24,8 +24,10 @@ The shuffle's settings (naive-Bayes history, trajectory kernel, and with `decode
 features that read the earlier tokens of a sequence) are chosen by cross-validation
 inside the profile: fit on one half (token order), replay the other, both ways, keep
 the setting with the fewest bytes. The measured trace is never consulted for a choice.
-The summary also gives the bootstrap noise of the measured load imbalance: on short
-traces it is of the order of the gap between a balanced and a grouped layout.
+The summary also gives the bootstrap noise of the measured load imbalance (on short
+traces it is of the order of the gap between a balanced and a grouped layout) and the
+mean imbalance of random layouts on the measured trace: what a layout that knows
+nothing of its loads gets there.
 """
 from __future__ import annotations
 
@@ -33,12 +35,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement
+from moe.comms.grouping import GroupingConfig, affinity_stats, fit_grouped_placement, layouts
 from moe.comms.placement import ExpertPlacement
 from moe.comms.replay import ReplayConfig, home_ranks, replay
 from moe.comms.shuffle import DecodeView, ShuffleConfig, TransitionShuffler
 
-__all__ = ["A2ABenchConfig", "run_a2a_bench", "format_report", "select_shuffle", "imbalance_spread"]
+__all__ = ["A2ABenchConfig", "run_a2a_bench", "format_report", "select_shuffle", "imbalance_spread",
+           "random_layout_imbalance"]
 
 
 @dataclass(kw_only=True)
@@ -132,6 +135,33 @@ def imbalance_spread(placement: ExpertPlacement, ids_TLK: torch.Tensor, draws: i
         load_LR = torch.nn.functional.one_hot(pick_TLK, R).sum((0, 2)).double()
         vals.append(float((load_LR.max(1).values / load_LR.mean(1)).mean()))
     return float(torch.tensor(vals).std())
+
+
+def random_layout_imbalance(ids_TLK: torch.Tensor, num_experts: int, world_size: int, draws: int = 4096,
+                            seed: int = 0) -> float:
+    """Mean-over-layers load imbalance of a one-copy layout drawn uniformly at random
+    (every rank holding its contiguous share of experts), averaged over layouts: every
+    layout when there are at most `draws` per layer, else `draws` random ones.
+
+    What a placement that knows nothing of the measured trace's loads gets on it: a
+    layout fitted on another trace can be judged against this, not only against the
+    contiguous one (a single draw of the same kind).
+    """
+    T, L, _ = ids_TLK.shape
+    if T == 0:
+        return 1.0
+    base_E = ExpertPlacement.contiguous(1, num_experts, world_size).holds_LER[0].long().argmax(1)
+    counts = torch.bincount(base_E, minlength=world_size).tolist()
+    all_NE = layouts(counts, draws)
+    if all_NE is None:
+        g = torch.Generator().manual_seed(seed)
+        all_NE = torch.stack([base_E[torch.randperm(num_experts, generator=g)] for _ in range(draws)])
+    load_LE = torch.zeros(L, num_experts, dtype=torch.float64)
+    load_LE.scatter_add_(1, ids_TLK.long().permute(1, 0, 2).reshape(L, -1),
+                         torch.ones(L, ids_TLK.shape[0] * ids_TLK.shape[2], dtype=torch.float64))
+    onehot_NER = torch.nn.functional.one_hot(all_NE, world_size).double()
+    rank_LNR = torch.einsum("le,ner->lnr", load_LE, onehot_NER)
+    return float((rank_LNR.amax(2) / rank_LNR.mean(2)).mean())
 
 
 def _halves(ids_TLK: torch.Tensor, starts: torch.Tensor):
@@ -248,6 +278,7 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             "lar": ours["lar"], "imbalance": ours["imbalance"],
             "imbalance_baseline": rows["baseline"]["imbalance"], "reduction": ours["reduction"],
             "imbalance_balanced": rows["balanced"]["imbalance"], "imbalance_sd": imbalance_spread(grouped, ids_TLK),
+            "imbalance_random": random_layout_imbalance(ids_TLK, E, R),
             "grouping_bytes": rows["grouping"]["bytes"], "oracle_bytes": oracle["bytes"],
             "hindsight_bytes": rows["hindsight"]["bytes"], "spec_hit": ours["spec_hit"],
             "share_of_oracle": (base_bytes - ours["bytes"]) / bound_gain if bound_gain > 0 else None,
@@ -301,7 +332,7 @@ def format_report(res: dict) -> str:
     ]
     lines.append(f"load imbalance of grp+shuf {s['imbalance']:.3f}; its sampling noise over the measured tokens "
                  f"(bootstrap sd) {s['imbalance_sd']:.3f}; a layout fitted for balance alone gets "
-                 f"{s['imbalance_balanced']:.3f}")
+                 f"{s['imbalance_balanced']:.3f}, and a layout drawn at random {s['imbalance_random']:.3f} on average")
     if "replicas" in res["rows"]:
         lines.append("+replicas spends extra expert memory (EPLB-style copies of hot experts) that the "
                      "baseline does not: a separate comparison, not the headline")

@@ -1,8 +1,11 @@
 """Temporal shuffle feature, in-profile selection of the shuffle, fold-robust load caps, replicas row."""
+import itertools
+
 import pytest
 import torch
 
-from moe.comms.a2a_bench import A2ABenchConfig, _halves, _label, imbalance_spread, run_a2a_bench, select_shuffle
+from moe.comms.a2a_bench import (A2ABenchConfig, _halves, _label, imbalance_spread, random_layout_imbalance,
+                                 run_a2a_bench, select_shuffle)
 from moe.comms.grouping import (GroupingConfig, affinity_stats, fit_grouped_placement, grouping_score, layouts,
                                 load_shares)
 from moe.comms.placement import ExpertPlacement
@@ -221,6 +224,7 @@ def test_replicas_row_is_apart_from_the_headline():
     assert res["summary"]["bytes"] == res["rows"]["ours"]["bytes"]
     assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
     assert res["summary"]["imbalance_balanced"] == res["rows"]["balanced"]["imbalance"]
+    assert res["summary"]["imbalance_random"] == random_layout_imbalance(trace(1).expert_ids, 8, 4)
     quick = A2ABenchConfig(ranks=4, replicas=0, histories=(1,), kernel_temperatures=(), grouping=small)
     assert "replicas" not in run_a2a_bench(trace(0), trace(1), quick)["rows"]
 
@@ -233,6 +237,21 @@ def test_imbalance_spread_is_bootstrap_noise():
     assert imbalance_spread(pl, _random_ids(40, 2, 8, 2, seed=2), draws=20) > 0.0
     replicated = pl.with_replicas(torch.ones(2, 8), 1)
     assert imbalance_spread(replicated, _random_ids(40, 2, 8, 2, seed=2)) == 0.0
+
+
+def test_random_layout_imbalance_averages_every_layout():
+    """4 experts on 2 ranks: the mean over the 6 layouts, by brute force; equal loads give 1."""
+    ids = torch.tensor([[[0, 1]], [[0, 2]], [[0, 3]], [[1, 2]]], dtype=torch.int16)  # loads 3, 2, 2, 1
+    want = []
+    for pair in itertools.combinations(range(4), 2):
+        a = sum((3, 2, 2, 1)[e] for e in pair)
+        want.append(max(a, 8 - a) / 4)
+    assert random_layout_imbalance(ids, 4, 2) == pytest.approx(sum(want) / len(want))
+    even = torch.tensor([[[0, 1]], [[2, 3]]], dtype=torch.int16)
+    assert random_layout_imbalance(even, 4, 2) == 1.0
+    # sampled, not enumerated, when there are more layouts than draws; still deterministic
+    many = _random_ids(30, 2, 16, 2, seed=4)
+    assert random_layout_imbalance(many, 16, 4, draws=50) == random_layout_imbalance(many, 16, 4, draws=50) >= 1.0
 
 
 # (expert count per rank, number of distinct layouts)
