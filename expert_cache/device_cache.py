@@ -35,6 +35,9 @@ class DeviceExpertCache:
         self.w2_NDF = torch.empty(num_slots, D, F, dtype=dt, device=self.device)
         self.slot_LE = torch.full((store.num_layers, store.num_experts), -1, dtype=torch.int64)
         self._key_of_slot: list[tuple[int, int] | None] = [None] * num_slots
+        # slot_LE as a dict for the per-expert queries of every layer call: a tensor index
+        # from cold caches costs several microseconds, a dict lookup well under one.
+        self._slot_of: dict[tuple[int, int], int] = {}
         self._free = list(range(num_slots - 1, -1, -1))
         self._map_cache: dict[int, torch.Tensor] = {}
         self._pinned: set[tuple[int, int]] = set()
@@ -47,10 +50,17 @@ class DeviceExpertCache:
 
     # -- queries -----------------------------------------------------------------------
     def slot(self, layer: int, expert: int) -> int:
-        return int(self.slot_LE[layer, expert])
+        self._check_key(layer, expert)
+        return self._slot_of.get((layer, expert), -1)
 
     def resident(self, layer: int, expert: int) -> bool:
-        return self.slot_LE[layer, expert] >= 0
+        self._check_key(layer, expert)
+        return (layer, expert) in self._slot_of
+
+    def _check_key(self, layer: int, expert: int) -> None:
+        L, E = self.store.num_layers, self.store.num_experts
+        if not (0 <= layer < L and 0 <= expert < E):
+            raise IndexError(f"expert ({layer}, {expert}) is outside the cache's {L} layers x {E} experts")
 
     def resident_experts(self, layer: int) -> list[int]:
         return (self.slot_LE[layer] >= 0).nonzero().flatten().tolist()
@@ -105,6 +115,7 @@ class DeviceExpertCache:
             s = self.evict(*victim)
         self._copy_in(layer, expert, s)
         self.slot_LE[layer, expert] = s
+        self._slot_of[(layer, expert)] = s
         self._key_of_slot[s] = (layer, expert)
         self._map_cache.pop(layer, None)
         self.policy.on_insert((layer, expert))
@@ -116,6 +127,7 @@ class DeviceExpertCache:
         if s < 0:
             raise KeyError(f"expert ({layer}, {expert}) is not resident")
         self.slot_LE[layer, expert] = -1
+        del self._slot_of[(layer, expert)]
         self._key_of_slot[s] = None
         self._map_cache.pop(layer, None)
         self.policy.on_evict((layer, expert))

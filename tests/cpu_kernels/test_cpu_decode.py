@@ -11,6 +11,7 @@ import torch
 
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
 from moe.cpu_kernels import decode as Dk
+from moe.cpu_kernels.combine import combine_rows
 from moe.cpu_kernels.gemv import gemv_bf16, gemv_int8
 from moe.cpu_kernels.gemv_madd import gemv_int8_madd, quantize_x16
 from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
@@ -352,3 +353,19 @@ def test_decode_int4_madd_propagates_bad_values(where):
     want = expert_ffn_reference(x_TD, w13, w2)
     assert not torch.isfinite(want).all()
     assert torch.equal(torch.isfinite(y_TD), torch.isfinite(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_rows_is_the_sequential_fp32_sum(dtype):
+    """combine_rows sums the chosen rows in the given order as rounded fp32 products and
+    sums (the general path's index_add arithmetic) and rounds once to the rows' dtype."""
+    K, D = 6, 300
+    y_KD = torch.randn(K, D).to(dtype)
+    w_K = torch.rand(K).to(dtype).float().numpy()
+    slots = np.array([4, 0, 5, 2], np.int64)  # a subset, in expert order
+    out = torch.full((1, D), float("nan"), dtype=dtype)
+    combine_rows(out.data_ptr(), y_KD.data_ptr(), dtype == torch.bfloat16, K, D, w_K, slots)
+    want = torch.zeros(D)
+    for k in slots.tolist():
+        want.index_add_(0, torch.arange(D), y_KD[k].float() * float(w_K[k]))
+    assert torch.equal(out[0], want.to(dtype))
