@@ -44,6 +44,22 @@ def test_cache_loads_copies_and_evicts_lru():
     assert cache.h2d_bytes == 3 * store.expert_bytes and cache.evictions == 1
 
 
+def test_residency_queries_agree_with_slot_table_and_check_keys():
+    """slot/resident (a dict, for speed) agree with slot_LE through loads and evictions;
+    keys outside the store raise."""
+    store = _store()
+    cache = DeviceExpertCache(store, num_slots=2, device="cpu")
+    for key in [(0, 1), (1, 2), (2, 3), (0, 1)]:
+        cache.load(*key)
+        for l in range(3):
+            for e in range(4):
+                assert cache.slot(l, e) == int(cache.slot_LE[l, e])
+                assert cache.resident(l, e) == bool(cache.slot_LE[l, e] >= 0)
+    for bad in [(3, 0), (0, 4), (-1, 0)]:
+        with pytest.raises(IndexError, match="outside the cache"):
+            cache.resident(*bad)
+
+
 def test_cache_respects_protected_and_pinned():
     """Protected and pinned entries are never evicted; with nothing evictable load fails."""
     cache = DeviceExpertCache(_store(), num_slots=2, device="cpu")
