@@ -38,6 +38,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .numba_util import njit_kernel
+from .tiles import prefetch_l2 as _prefetch_l2
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
 
@@ -64,25 +65,19 @@ _AVX2 = bool(_FEATURES.get("avx2"))
 MADD_DECODE = _AVX2 and not bool(_FEATURES.get("avx512f"))
 
 
-@intrinsic
-def _prefetch_l2(typingctx, arr, idx):
-    """Hint the line holding arr[idx] into L2 (prefetcht1): on Zen 3 a T0 hint a few KiB
-    ahead measured ~10% slower streams than T1/T2, which leave L1 to the demand loads."""
-    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        index = context.cast(builder, args[1], signature.args[1], types.intp)
-        i8p = ir.IntType(8).as_pointer()
-        ptr = builder.bitcast(builder.gep(ary.data, [index]), i8p)
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(arr, idx), codegen
+def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
+    """IR for int32 [8] lanes i = t[2i] * x[2i] + t[2i+1] * x[2i+1] of two int16 [16]
+    vectors: one vpmaddwd on AVX2, the same sums as generic vector IR elsewhere."""
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+    v16i16, v8i32, v16i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(i32, 16)
+    if _AVX2:
+        fnty = ir.FunctionType(v8i32, [v16i16, v16i16])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd"), [t, x])
+    prod = builder.mul(builder.sext(t, v16i32), builder.sext(x, v16i32))
+    undef = ir.Constant(v16i32, ir.Undefined)
+    even = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(1, 16, 2))))
+    return builder.add(even, odd)
 
 
 @intrinsic
@@ -98,7 +93,7 @@ def _madd32(typingctx, w_flat, wi, x16_N, xi, acc_I):
     def codegen(context, builder, signature, args):
         w_arr, wi_v, x_arr, xi_v, a_arr = args
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        v16i16, v8i32, v16i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(i32, 16)
+        v16i16, v8i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8)
 
         def ptr(arr_ty, arr, index, vty):
             ary = context.make_array(arr_ty)(context, builder, arr)
@@ -106,25 +101,13 @@ def _madd32(typingctx, w_flat, wi, x16_N, xi, acc_I):
 
         wbase = context.cast(builder, wi_v, signature.args[1], types.intp)
         xbase = context.cast(builder, xi_v, signature.args[3], types.intp)
-        madd = None
-        if _AVX2:
-            fnty = ir.FunctionType(v8i32, [v16i16, v16i16])
-            madd = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd")
         aptr = ptr(signature.args[4], a_arr, ir.Constant(wbase.type, 0), v8i32)
         acc = builder.load(aptr, align=4)
         for h in range(2):
             off = ir.Constant(wbase.type, 16 * h)
             w = builder.load(ptr(signature.args[0], w_arr, builder.add(wbase, off), ir.VectorType(i8, 16)), align=1)
             x = builder.load(ptr(signature.args[2], x_arr, builder.add(xbase, off), v16i16), align=2)
-            if madd is not None:
-                pair = builder.call(madd, [builder.sext(w, v16i16), x])
-            else:
-                prod = builder.mul(builder.sext(w, v16i32), builder.sext(x, v16i32))
-                undef = ir.Constant(v16i32, ir.Undefined)
-                even = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(0, 16, 2))))
-                odd = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(1, 16, 2))))
-                pair = builder.add(even, odd)
-            acc = builder.add(acc, pair)
+            acc = builder.add(acc, pair_sums(builder, builder.sext(w, v16i16), x))
         builder.store(acc, aptr, align=4)
         return context.get_dummy_value()
 

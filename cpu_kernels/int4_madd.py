@@ -27,12 +27,12 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from .gemv_madd import PF_BYTES, _AVX2, _prefetch_l2
+from .gemv_madd import PF_BYTES, pair_sums
 from .int4_kernels import _int4_tail_dot
 from .numba_util import njit_kernel
+from .tiles import prefetch_l2 as _prefetch_l2
 
 __all__ = ["permute_x16", "gemv_int4_madd", "GROUP"]
 
@@ -72,8 +72,7 @@ def _group_madd(typingctx, w_W, wi, xq_N, xi, acc_L, scale):
     def codegen(context, builder, signature, args):
         w_arr, wi_v, x_arr, xi_v, a_arr, sc = args
         i16, i32, f32 = ir.IntType(16), ir.IntType(32), ir.FloatType()
-        v16i16, v8i32, v16i32, v8f32 = (ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(i32, 16),
-                                        ir.VectorType(f32, 8))
+        v16i16, v8i32, v8f32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(f32, 8)
 
         def ptr(arr_ty, arr, index, vty):
             ary = context.make_array(arr_ty)(context, builder, arr)
@@ -81,20 +80,6 @@ def _group_madd(typingctx, w_W, wi, xq_N, xi, acc_L, scale):
 
         wbase = context.cast(builder, wi_v, signature.args[1], types.intp)
         xbase = context.cast(builder, xi_v, signature.args[3], types.intp)
-        madd = None
-        if _AVX2:
-            fnty = ir.FunctionType(v8i32, [v16i16, v16i16])
-            madd = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd")
-
-        def pairs(t, x):
-            if madd is not None:
-                return builder.call(madd, [t, x])
-            prod = builder.mul(builder.sext(t, v16i32), builder.sext(x, v16i32))
-            undef = ir.Constant(v16i32, ir.Undefined)
-            even = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(0, 16, 2))))
-            odd = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(1, 16, 2))))
-            return builder.add(even, odd)
-
         flip = ir.Constant(v16i16, [0x8888 - 0x10000] * 16)  # v + 8 -> v's 4-bit two's complement
         twelve = ir.Constant(v16i16, [12] * 16)
         acc_i = None
@@ -107,7 +92,7 @@ def _group_madd(typingctx, w_W, wi, xq_N, xi, acc_L, scale):
                 t = builder.ashr(t, twelve)
                 x = builder.load(ptr(signature.args[2], x_arr,
                                      builder.add(xbase, ir.Constant(xbase.type, 32 * p + 16 * h)), v16i16), align=2)
-                s = pairs(t, x)
+                s = pair_sums(builder, t, x)
                 acc_i = s if acc_i is None else builder.add(acc_i, s)
         scv = context.cast(builder, sc, signature.args[5], types.float32)
         splat = builder.insert_element(ir.Constant(v8f32, ir.Undefined), scv, ir.Constant(i32, 0))

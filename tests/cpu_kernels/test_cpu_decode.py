@@ -258,19 +258,20 @@ def test_gemv_int8_madd_extreme_codes_do_not_overflow():
 
 
 @pytest.mark.parametrize("D,F", DECODE_SHAPES)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("nch", [None, 2, 3])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_decode_int8_madd_matches_reference(D, F, nch, x_dtype):
-    """The 16-bit multiply-add decode (used on AVX2 hosts; runs anywhere) equals the torch
-    expert within its documented rounding."""
-    w13, w2 = _weights(D, F, "int8")
+def test_decode_madd_matches_reference(D, F, fmt, nch, x_dtype):
+    """The 16-bit multiply-add decode (used on AVX2 hosts; runs anywhere) equals the
+    torch expert within its documented rounding."""
+    w13, w2 = _weights(D, F, fmt)
     x_TD = torch.randn(1, D).to(x_dtype)
     y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
     args = (x_TD.data_ptr(), y_TD.data_ptr(), x_dtype == torch.bfloat16) + weight_info(w13, "w13").views \
         + weight_info(w2, "w2").views
-    Dk.decode_int8_madd(*args) if nch is None else Dk.decode_int8_madd_pool(*args, nch)
-    want = expert_ffn_reference(x_TD, w13, w2)
-    torch.testing.assert_close(y_TD, want, **(MADD if x_dtype == torch.float32 else BF16))
+    getattr(Dk, f"decode_{fmt}_madd")(*args) if nch is None else getattr(Dk, f"decode_{fmt}_madd_pool")(*args, nch)
+    torch.testing.assert_close(y_TD, expert_ffn_reference(x_TD, w13, w2),
+                               **(MADD if x_dtype == torch.float32 else BF16))
 
 
 @pytest.mark.parametrize("where", ["token", "hidden"])
@@ -320,22 +321,6 @@ def test_gemv_int4_madd_rows(R, S):
     xr = np.concatenate([x16[:full] * xs, x[full:]]).astype(np.float64)  # the token as the kernel reads it
     want = q.dequantize().double().numpy() @ xr
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("D,F", DECODE_SHAPES)
-@pytest.mark.parametrize("nch", [None, 2, 3])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_decode_int4_madd_matches_reference(D, F, nch, x_dtype):
-    """The int4 16-bit multiply-add decode (AVX2 hosts; runs anywhere) equals the torch
-    expert within its documented rounding."""
-    w13, w2 = _weights(D, F, "int4")
-    x_TD = torch.randn(1, D).to(x_dtype)
-    y_TD = torch.full((1, D), float("nan"), dtype=x_dtype)
-    args = (x_TD.data_ptr(), y_TD.data_ptr(), x_dtype == torch.bfloat16) + weight_info(w13, "w13").views \
-        + weight_info(w2, "w2").views
-    Dk.decode_int4_madd(*args) if nch is None else Dk.decode_int4_madd_pool(*args, nch)
-    torch.testing.assert_close(y_TD, expert_ffn_reference(x_TD, w13, w2),
-                               **(MADD if x_dtype == torch.float32 else BF16))
 
 
 @pytest.mark.parametrize("where", ["token", "hidden"])
