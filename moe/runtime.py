@@ -187,7 +187,7 @@ class RoutedExperts:
         x_host_TD = x_TD.detach().to("cpu") if len(device_keys) < len(items) else None
         cpu_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         result: list[torch.Tensor] = []
-        one = _OneTokenCPU(x_host_TD, ids, w_cpu_TK, w_N) if order_N is None and x_host_TD is not None else None
+        one = _OneTokenCPU(x_host_TD, ids, w_N) if order_N is None and x_host_TD is not None else None
         flat_w_N = w_cpu_TK.reshape(-1) if one is None else None  # the general path's routing weights
 
         def run_cpu(e: int) -> None:
@@ -241,12 +241,12 @@ class _OneTokenCPU:
     expert order, rounded once: the general path's arithmetic).
     """
 
-    def __init__(self, x_1D: torch.Tensor, ids: list[int], w_1K: torch.Tensor, w_K: np.ndarray) -> None:
+    def __init__(self, x_1D: torch.Tensor, ids: list[int], w_K: np.ndarray) -> None:
         """ids: the token's K distinct expert ids, as the layer already listed them;
-        w_K: their routing weights as float32 numpy (w_1K widened, already made)."""
+        w_K: their routing weights as float32 numpy, as the layer already made them."""
         self.x_1D = x_1D.contiguous()  # once here, not in every kernel call
         self.slot = {e: k for k, e in enumerate(ids)}
-        self.w_1K, self.w_K = w_1K, w_K
+        self.w_K = w_K
         self.y_KD = torch.empty((len(ids), x_1D.shape[1]), dtype=x_1D.dtype)
         self.rows = self.y_KD.view(len(ids), 1, -1).unbind(0)  # [1, D] views, made once
         self.done: list[int] = []
@@ -261,16 +261,11 @@ class _OneTokenCPU:
         rounded once to x's dtype (as the general path)."""
         if not self.done:
             return None
-        slots = [self.slot[e] for e in sorted(self.done)]  # fixed order
+        slots = np.array([self.slot[e] for e in sorted(self.done)], np.int64)  # fixed order
         K, D = self.y_KD.shape
-        if self.y_KD.dtype in (torch.float32, torch.bfloat16):  # one compiled call (cpu_kernels/combine.py)
-            y_1D = torch.empty((1, D), dtype=self.y_KD.dtype)
-            combine_rows(y_1D.data_ptr(), self.y_KD.data_ptr(), self.y_KD.dtype == torch.bfloat16, K, D,
-                         self.w_K, np.array(slots, np.int64))
-            return y_1D
-        ks = torch.tensor(slots)
-        y_D = self.w_1K[0, ks].float()[:, None].mul(self.y_KD[ks].float()).sum(0)
-        return y_D.to(self.y_KD.dtype).view(1, -1)
+        y_1D = torch.empty((1, D), dtype=self.y_KD.dtype)  # float32 or bf16: all expert_ffn takes
+        combine_rows(y_1D.data_ptr(), self.y_KD.data_ptr(), self.y_KD.dtype == torch.bfloat16, K, D, self.w_K, slots)
+        return y_1D
 
 
 def _cpu_expert(store: HostExpertStore, layer: int, e: int, x_TD: torch.Tensor,
