@@ -224,6 +224,13 @@ def decode_int8_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
 # or NaN, which takes the fp32 path above so that bad values propagate.
 
 @njit_kernel(parallel=False)
+def _x16(v_N):
+    """v_N rounded to 16-bit fixed point (gemv_madd.quantize_x16): (values, scale < 0: none)."""
+    v16_N = np.empty(v_N.shape[0], np.int16)
+    return v16_N, quantize_x16(v_N, v16_N)
+
+
+@njit_kernel(parallel=False)
 def _up_int8_madd(c, nch, x_D, x16_D, xs, q13, s13, gu_2F, h_F):
     if xs < 0:
         _up_int8(c, nch, x_D, q13, s13, gu_2F, h_F)
@@ -249,13 +256,11 @@ def decode_int8_madd(xa, ya, bf16, q13, s13, q2, s2):
     """decode_int8 by 16-bit multiply-add (gemv_madd.py); calling thread."""
     D, F = q2.shape
     x_D = _load_x(xa, bf16, D)
-    x16_D = np.empty(D, np.int16)
-    xs = quantize_x16(x_D, x16_D)
+    x16_D, xs = _x16(x_D)
     h_F = np.empty(F, np.float32)
     y_D = np.empty(D, np.float32)
     _up_int8_madd(0, 1, x_D, x16_D, xs, q13, s13, np.empty(2 * F, np.float32), h_F)
-    h16_F = np.empty(F, np.int16)
-    hs = quantize_x16(h_F, h16_F)
+    h16_F, hs = _x16(h_F)
     _down_int8_madd(0, 1, h_F, h16_F, hs, q2, s2, y_D)
     _store_y(y_D, ya, bf16)
 
@@ -266,15 +271,13 @@ def decode_int8_madd_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     16 bits between them, on the calling thread: F values, ~1 us)."""
     D, F = q2.shape
     x_D = _load_x(xa, bf16, D)
-    x16_D = np.empty(D, np.int16)
-    xs = quantize_x16(x_D, x16_D)
+    x16_D, xs = _x16(x_D)
     gu_2F = np.empty(2 * F, np.float32)
     h_F = np.empty(F, np.float32)
     y_D = np.empty(D, np.float32)
     for c in prange(nch):
         _up_int8_madd(c, nch, x_D, x16_D, xs, q13, s13, gu_2F, h_F)
-    h16_F = np.empty(F, np.int16)
-    hs = quantize_x16(h_F, h16_F)
+    h16_F, hs = _x16(h_F)
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int8_madd(c, n2, h_F, h16_F, hs, q2, s2, y_D)
@@ -345,13 +348,22 @@ def decode_int4_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
 # int4_madd.py; as for int8, xs < 0 (inf or NaN) takes the fp32 path above.
 
 @njit_kernel(parallel=False)
-def _x16_for_int4(v_N, vq_N):
-    """The 16-bit permuted form of v_N (int4_madd.permute_x16) and its scale (< 0: none)."""
-    v16_N = np.empty(v_N.shape[0], np.int16)
-    vs = quantize_x16(v_N, v16_N)
-    if vs >= 0:
-        permute_x16(v16_N, vq_N)
-    return vs
+def _xq_for_int4(v_N):
+    """The 16-bit form of v_N permuted for int4_madd (permute_x16), and its scale (< 0: none)."""
+    v16_N, vs = _x16(v_N)
+    if vs < 0:
+        return v16_N, vs
+    vq_N = np.empty_like(v16_N)
+    permute_x16(v16_N, vq_N)
+    return vq_N, vs
+
+
+@njit_kernel(parallel=False)
+def _hidden_int4_madd(h_F, hp_F, hsum_G):
+    """Between the phases: h's fp32 permuted form and group sums (the fp32 path and the
+    tail group) and its 16-bit permuted form with scale."""
+    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
+    return _xq_for_int4(h_F)
 
 
 @njit_kernel(parallel=False)
@@ -382,13 +394,10 @@ def decode_int4_madd(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
     F = p13.shape[0] // 2
     x_D = _load_x(xa, bf16, D)
     xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
-    xq_D = np.empty(D, np.int16)
-    xs = _x16_for_int4(x_D, xq_D)
+    xq_D, xs = _xq_for_int4(x_D)
     y_D = np.empty(D, np.float32)
     _up_int4_madd(0, 1, x_D, xp_D, xq_D, xs, xsum_G, p13, w13, s13, gu_2F, h_F)
-    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
-    hq_F = np.empty(F, np.int16)
-    hs = _x16_for_int4(h_F, hq_F)
+    hq_F, hs = _hidden_int4_madd(h_F, hp_F, hsum_G)
     _down_int4_madd(0, 1, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D)
     _store_y(y_D, ya, bf16)
 
@@ -400,14 +409,11 @@ def decode_int4_madd_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     F = p13.shape[0] // 2
     x_D = _load_x(xa, bf16, D)
     xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
-    xq_D = np.empty(D, np.int16)
-    xs = _x16_for_int4(x_D, xq_D)
+    xq_D, xs = _xq_for_int4(x_D)
     y_D = np.empty(D, np.float32)
     for c in prange(nch):
         _up_int4_madd(c, nch, x_D, xp_D, xq_D, xs, xsum_G, p13, w13, s13, gu_2F, h_F)
-    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
-    hq_F = np.empty(F, np.int16)
-    hs = _x16_for_int4(h_F, hq_F)
+    hq_F, hs = _hidden_int4_madd(h_F, hp_F, hsum_G)
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4_madd(c, n2, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D)
