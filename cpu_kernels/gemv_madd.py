@@ -11,10 +11,9 @@ on a 2-core Zen 3 VM. Here the token is first rounded to 16-bit fixed point
 (`quantize_x16`), and one vpmaddwd multiplies 16 sign-extended weights by 16 token
 values and adds adjacent pairs into 8 int32 lanes: three ops per 16 weights. The loop
 runs inside one intrinsic (`_madd_run`) so that its accumulators stay in registers
-(ir_loop.py): through memory they held one core to ~14 G values/s from L3, in
-registers ~25 G values/s. From DRAM the two forms stream alike (same-process A/B on
-cold DeepSeek-V2-Lite experts: 0.93-1.04x), as does dropping the prefetch (0.93x);
-there the stream, not the arithmetic, sets the pace.
+(ir_loop.py). Through memory they held one core to ~14 G values/s from L3; in registers
+~25 G values/s. From DRAM, same-process A/B on cold experts against the
+memory-accumulator form: 1.09-1.15x (DeepSeek-V2-Lite), 1.09x (Mixtral).
 
 Numerics: the weights are used exactly; the token is rounded to x16 * xs with xs a
 power of two such that |x16| <= 32767, so every bf16 element within a factor 128 of the
@@ -48,7 +47,7 @@ __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
 
 BLOCK = 2048  # columns summed in int32 before a flush: 2048 * 128 * 32767 < 2^31
 _STEP = 64  # columns per step of _madd_run: one 64-byte line of int8 weights
-PF_BYTES = 4096  # prefetch distance ahead in the row-major stream (2-8 KiB measured alike)
+PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 KiB measured alike)
 
 
 def _host_features() -> dict:
@@ -85,19 +84,19 @@ def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def _madd_run(typingctx, w_flat, wi, x16_N, xi, steps, last):
+def _madd_run(typingctx, w_flat, wi, x16_N, xi, steps):
     """sum over k < 64 * steps of w[wi + k] * x16[xi + k], exactly, as int64 (int32
-    lanes: callers keep steps * 64 <= BLOCK), prefetching w[min(wi + k + PF_BYTES,
-    last)] into L2 once per 64-byte line. The loop and its two accumulators live in the
-    IR (ir_loop.counted_loop), so the accumulators stay in registers. vpmaddwd on AVX2,
-    the same sums in generic vector IR elsewhere. Callers keep every index in bounds."""
+    lanes: callers keep steps * 64 <= BLOCK). The loop and its two accumulators live in
+    the IR (ir_loop.counted_loop), so the accumulators stay in registers. vpmaddwd on
+    AVX2, the same sums in generic vector IR elsewhere. Callers keep every index in
+    bounds."""
     if not (isinstance(w_flat, types.Array) and w_flat.dtype == types.int8
             and isinstance(x16_N, types.Array) and x16_N.dtype == types.int16):
         return None
-    sig = types.int64(w_flat, wi, x16_N, xi, steps, last)
+    sig = types.int64(w_flat, wi, x16_N, xi, steps)
 
     def codegen(context, builder, signature, args):
-        w_arr, wi_v, x_arr, xi_v, n_v, last_v = args
+        w_arr, wi_v, x_arr, xi_v, n_v = args
         i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         v16i16, v8i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8)
         intp = context.get_value_type(types.intp)
@@ -107,18 +106,12 @@ def _madd_run(typingctx, w_flat, wi, x16_N, xi, steps, last):
 
         wdata = context.make_array(signature.args[0])(context, builder, w_arr).data
         xdata = context.make_array(signature.args[2])(context, builder, x_arr).data
-        wbase, xbase, count, lastv = arg(1), arg(3), arg(4), arg(5)
-        i8p = i8.as_pointer()
-        pf_fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        wbase, xbase, count = arg(1), arg(3), arg(4)
         zero = ir.Constant(v8i32, [0] * 8)
 
         def step(b, i, accs):
             off = b.mul(i, ir.Constant(intp, 64))
             w0, x0 = b.add(wbase, off), b.add(xbase, off)
-            target = b.add(w0, ir.Constant(intp, PF_BYTES))
-            target = b.select(b.icmp_signed("<", target, lastv), target, lastv)
-            b.call(pf_fn, [b.gep(wdata, [target]), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
             accs = list(accs)
             for h in range(4):
                 c = ir.Constant(intp, 16 * h)
@@ -163,14 +156,12 @@ def quantize_x16(x_N, x16_N):
 
 @njit_kernel(parallel=False)
 def _row_dot(flat, base, x16_N, n):
-    """q[base:base+n] . x16_N exactly, in float64 (int32 within blocks of BLOCK columns),
-    prefetching one line PF_BYTES ahead for every line read."""
-    last = flat.shape[0] - 1
+    """q[base:base+n] . x16_N exactly, in float64 (int32 within blocks of BLOCK columns)."""
     tot = 0.0
     for b0 in range(0, n, BLOCK):
         b1 = min(n, b0 + BLOCK)
         steps = (b1 - b0) // _STEP
-        blk = _madd_run(flat, base + b0, x16_N, b0, steps, last)
+        blk = _madd_run(flat, base + b0, x16_N, b0, steps)
         k = b0 + steps * _STEP
         w_n = flat[base + k:base + b1]
         for j in range(w_n.shape[0]):
@@ -183,11 +174,14 @@ def _row_dot(flat, base, x16_N, n):
 def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
     """out_R[r] = scale_R[r] * xs * (q_RS[r, :] . x16_N) for r in r_lo:r_hi (whole rows).
 
-    Rows are streamed one after another (one sequential stream per thread, which the
-    hardware prefetcher follows across rows), every line also prefetched PF_BYTES ahead
-    into L2 as the line before it is read. (Prefetching a whole row at its start, a
-    burst of up to 224 hints on Mixtral's w2 rows, overflowed the miss queues: 14%
-    slower there than the fp32 kernel.)
+    Rows are streamed one after another: one sequential stream per thread, which the
+    hardware prefetcher follows across rows. Measured on the 2-core Zen 3 VM with the
+    accumulators in registers (cold int8 matrices of DeepSeek-V2-Lite's shapes, two
+    threads, alternating in one process): without software prefetch the GEMV streamed
+    4-14% faster than with one line 4 KiB ahead into L2 (which the memory-accumulator
+    form needed), a prefetch 1 KiB ahead into L1 alike; whole experts alike within
+    noise. Two or four rows side by side (four streams per thread) streamed 20-35%
+    slower than one row at a time, though faster from cache.
     """
     S = q_RS.shape[1]
     flat = q_RS.ravel()
