@@ -10,7 +10,7 @@ that a DeepSeek-V2-Lite int8 expert reached only ~0.55 of the measured read band
 on a 2-core Zen 3 VM. Here the token is first rounded to 16-bit fixed point
 (`quantize_x16`), and one vpmaddwd multiplies 16 sign-extended weights by 16 token
 values and adds adjacent pairs into 8 int32 lanes: three ops per 16 weights. The loop
-runs inside one intrinsic (`_madd_run`) so that its accumulators stay in registers
+runs inside one intrinsic (`_madd_rows`) so that its accumulators stay in registers
 (ir_loop.py). Through memory they held one core to ~14 G values/s from L3; in registers
 ~25 G values/s. From DRAM, same-process A/B on cold experts against the
 memory-accumulator form: 1.09-1.15x (DeepSeek-V2-Lite), 1.09x (Mixtral).
@@ -41,31 +41,19 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
-from .numba_util import njit_kernel
+from .gemv_reg import FOUR_ROW_BYTES
+from .numba_util import AVX2_ONLY, host_cpu_features, njit_kernel
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
 
 BLOCK = 2048  # columns summed in int32 before a flush: 2048 * 128 * 32767 < 2^31
-_STEP = 64  # columns per step of _madd_run: one 64-byte line of int8 weights
+_STEP = 64  # columns per loop step of _madd_rows: one 64-byte line of int8 weights per row
 PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 KiB measured alike)
 
-
-def _host_features() -> dict:
-    try:
-        import llvmlite.binding as llvm
-        from numba.core import config
-        if config.CPU_NAME is not None:  # compiling for another CPU: no host assumptions
-            return {}
-        return dict(llvm.get_host_cpu_features())
-    except Exception:  # noqa: BLE001 - the generic IR is always correct
-        return {}
-
-
-_FEATURES = _host_features()
-_AVX2 = bool(_FEATURES.get("avx2"))
+_AVX2 = bool(host_cpu_features().get("avx2"))
 # The decode path's choice (decode.py): measured faster on AVX2-only cores; AVX-512
 # cores keep their measured fp32 path.
-MADD_DECODE = _AVX2 and not bool(_FEATURES.get("avx512f"))
+MADD_DECODE = AVX2_ONLY
 
 
 def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
@@ -84,19 +72,22 @@ def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def _madd_run(typingctx, w_flat, wi, x16_N, xi, steps):
-    """sum over k < 64 * steps of w[wi + k] * x16[xi + k], exactly, as int64 (int32
-    lanes: callers keep steps * 64 <= BLOCK). The loop and its two accumulators live in
-    the IR (ir_loop.counted_loop), so the accumulators stay in registers. vpmaddwd on
-    AVX2, the same sums in generic vector IR elsewhere. Callers keep every index in
-    bounds."""
+def _madd_rows(typingctx, w_flat, wi, S, x16_N, xi, steps, out_4):
+    """Row j (j < 1, or < 4 when out_4 is an int64 array) gets the exact sum over
+    k < 64 * steps of w[wi + j * S + k] * x16[xi + k] (int32 lanes: callers keep
+    steps * 64 <= BLOCK): one row returns it as int64, four rows store it in out_4. The
+    loop and its accumulators live in the IR (ir_loop.counted_loop), so they stay in
+    registers. vpmaddwd on AVX2, the same sums in generic vector IR elsewhere. Callers
+    keep every index in bounds."""
     if not (isinstance(w_flat, types.Array) and w_flat.dtype == types.int8
             and isinstance(x16_N, types.Array) and x16_N.dtype == types.int16):
         return None
-    sig = types.int64(w_flat, wi, x16_N, xi, steps)
+    rows = 4 if isinstance(out_4, types.Array) else 1
+    if rows == 4 and out_4.dtype != types.int64:
+        return None
+    sig = (types.none if rows == 4 else types.int64)(w_flat, wi, S, x16_N, xi, steps, out_4)
 
     def codegen(context, builder, signature, args):
-        w_arr, wi_v, x_arr, xi_v, n_v = args
         i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         v16i16, v8i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8)
         intp = context.get_value_type(types.intp)
@@ -104,29 +95,38 @@ def _madd_run(typingctx, w_flat, wi, x16_N, xi, steps):
         def arg(k):
             return context.cast(builder, args[k], signature.args[k], types.intp)
 
-        wdata = context.make_array(signature.args[0])(context, builder, w_arr).data
-        xdata = context.make_array(signature.args[2])(context, builder, x_arr).data
-        wbase, xbase, count = arg(1), arg(3), arg(4)
-        zero = ir.Constant(v8i32, [0] * 8)
+        wdata = context.make_array(signature.args[0])(context, builder, args[0]).data
+        xdata = context.make_array(signature.args[3])(context, builder, args[3]).data
+        wbase, stride, xbase, count = arg(1), arg(2), arg(4), arg(5)
+        row_base = [builder.add(wbase, builder.mul(stride, ir.Constant(intp, j))) for j in range(rows)]
+        n_acc = 2 if rows == 1 else 1  # four rows: one chain per row is enough
 
         def step(b, i, accs):
             off = b.mul(i, ir.Constant(intp, 64))
-            w0, x0 = b.add(wbase, off), b.add(xbase, off)
+            x0 = b.add(xbase, off)
             accs = list(accs)
             for h in range(4):
                 c = ir.Constant(intp, 16 * h)
-                wp = b.bitcast(b.gep(wdata, [b.add(w0, c)]), ir.VectorType(i8, 16).as_pointer())
-                xp = b.bitcast(b.gep(xdata, [b.add(x0, c)]), v16i16.as_pointer())
-                w = b.sext(b.load(wp, align=1), v16i16)
-                accs[h % 2] = b.add(accs[h % 2], pair_sums(b, w, b.load(xp, align=2)))
+                x = b.load(b.bitcast(b.gep(xdata, [b.add(x0, c)]), v16i16.as_pointer()), align=2)
+                for j in range(rows):
+                    wp = b.bitcast(b.gep(wdata, [b.add(b.add(row_base[j], off), c)]), ir.VectorType(i8, 16).as_pointer())
+                    k = j if rows > 1 else h % n_acc
+                    accs[k] = b.add(accs[k], pair_sums(b, b.sext(b.load(wp, align=1), v16i16), x))
             return accs
 
-        acc0, acc1 = counted_loop(builder, count, [zero, zero], step)
-        lanes = builder.add(acc0, acc1)
-        total = ir.Constant(i64, 0)
-        for k in range(8):
-            total = builder.add(total, builder.sext(builder.extract_element(lanes, ir.Constant(i32, k)), i64))
-        return total
+        def total(lanes):
+            t = ir.Constant(i64, 0)
+            for k in range(8):
+                t = builder.add(t, builder.sext(builder.extract_element(lanes, ir.Constant(i32, k)), i64))
+            return t
+
+        accs = counted_loop(builder, count, [ir.Constant(v8i32, [0] * 8)] * (rows * n_acc), step)
+        if rows == 1:
+            return total(builder.add(accs[0], accs[1]))
+        odata = context.make_array(signature.args[6])(context, builder, args[6]).data
+        for j in range(rows):
+            builder.store(total(accs[j]), builder.gep(odata, [ir.Constant(intp, j)]))
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -155,35 +155,56 @@ def quantize_x16(x_N, x16_N):
 
 
 @njit_kernel(parallel=False)
-def _row_dot(flat, base, x16_N, n):
-    """q[base:base+n] . x16_N exactly, in float64 (int32 within blocks of BLOCK columns)."""
-    tot = 0.0
-    for b0 in range(0, n, BLOCK):
-        b1 = min(n, b0 + BLOCK)
-        steps = (b1 - b0) // _STEP
-        blk = _madd_run(flat, base + b0, x16_N, b0, steps)
-        k = b0 + steps * _STEP
-        w_n = flat[base + k:base + b1]
-        for j in range(w_n.shape[0]):
-            blk += np.int64(w_n[j]) * np.int64(x16_N[k + j])
-        tot += float(blk)
-    return tot
+def _tail_dot(flat, base, x16_N, k0, k1):
+    """q[base+k0:base+k1] . x16_N[k0:k1] exactly, as int64."""
+    blk = np.int64(0)
+    w_n = flat[base + k0:base + k1]
+    for j in range(w_n.shape[0]):
+        blk += np.int64(w_n[j]) * np.int64(x16_N[k0 + j])
+    return blk
 
 
 @njit_kernel(parallel=False)
 def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
     """out_R[r] = scale_R[r] * xs * (q_RS[r, :] . x16_N) for r in r_lo:r_hi (whole rows).
 
-    Rows are streamed one after another: one sequential stream per thread, which the
-    hardware prefetcher follows across rows. Measured on the 2-core Zen 3 VM with the
-    accumulators in registers (cold int8 matrices of DeepSeek-V2-Lite's shapes, two
-    threads, alternating in one process): without software prefetch the GEMV streamed
-    4-14% faster than with one line 4 KiB ahead into L2 (which the memory-accumulator
-    form needed), a prefetch 1 KiB ahead into L1 alike; whole experts alike within
-    noise. Two or four rows side by side (four streams per thread) streamed 20-35%
-    slower than one row at a time, though faster from cache.
+    Each row's dot product: exact int32 sums over blocks of BLOCK columns, the blocks
+    added in float64. How many rows stream side by side depends on the row length, as
+    for bf16 (gemv_reg.py), measured on the 2-core Zen 3 VM, cold int8 matrices, two
+    threads, same-process A/B:
+    - short rows (DeepSeek-V2-Lite: 1.4 and 2 KiB) one after another, a thread's rows
+      being one sequential stream the hardware prefetcher follows: 0.78-0.86 of the
+      read probe, against 0.50-0.67 four rows side by side;
+    - long rows (Mixtral's w2: 14 KiB) four side by side: 0.82 of the probe, against
+      0.61 one row at a time.
+    Rows of at least FOUR_ROW_BYTES take the four-row loop. No software prefetch: with
+    the accumulators in registers, one line 4 KiB ahead into L2 (which the earlier
+    memory-accumulator form needed) streamed 4-14% slower, one 1 KiB ahead into L1 alike.
     """
     S = q_RS.shape[1]
     flat = q_RS.ravel()
-    for r in range(r_lo, r_hi):
-        out_R[r] = np.float32(_row_dot(flat, r * S, x16_N, S) * xs * scale_R[r])
+    r = r_lo
+    if S >= FOUR_ROW_BYTES:
+        o_4 = np.empty(4, np.int64)
+        tot_4 = np.empty(4, np.float64)
+        while r + 4 <= r_hi:
+            base = r * S
+            tot_4[:] = 0.0
+            for b0 in range(0, S, BLOCK):
+                b1 = min(S, b0 + BLOCK)
+                steps = (b1 - b0) // _STEP
+                _madd_rows(flat, base + b0, S, x16_N, b0, steps, o_4)
+                for j in range(4):
+                    tot_4[j] += float(o_4[j] + _tail_dot(flat, base + j * S, x16_N, b0 + steps * _STEP, b1))
+            for j in range(4):
+                out_R[r + j] = np.float32(tot_4[j] * xs * scale_R[r + j])
+            r += 4
+    for r in range(r, r_hi):
+        base = r * S
+        tot = 0.0
+        for b0 in range(0, S, BLOCK):
+            b1 = min(S, b0 + BLOCK)
+            steps = (b1 - b0) // _STEP
+            tot += float(_madd_rows(flat, base + b0, S, x16_N, b0, steps, None)
+                         + _tail_dot(flat, base, x16_N, b0 + steps * _STEP, b1))
+        out_R[r] = np.float32(tot * xs * scale_R[r])

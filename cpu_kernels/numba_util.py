@@ -37,7 +37,28 @@ from collections.abc import Callable, Iterator
 
 import numba
 
-__all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "launches_concurrent", "max_threads"]
+__all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "launches_concurrent", "max_threads",
+           "host_cpu_features", "AVX2_ONLY"]
+
+
+def host_cpu_features() -> dict:
+    """LLVM's feature flags of this host ({} when numba compiles for another CPU, or
+    when they cannot be read: callers then take their generic paths)."""
+    try:
+        import llvmlite.binding as llvm
+        from numba.core import config
+        if config.CPU_NAME is not None:  # compiling for another CPU: no host assumptions
+            return {}
+        return dict(llvm.get_host_cpu_features())
+    except Exception:  # noqa: BLE001 - the generic paths are always correct
+        return {}
+
+
+_FEATURES = host_cpu_features()
+# Hosts with AVX2 and without AVX-512, where the T == 1 GEMVs measured faster as one
+# row stream per thread with register accumulators (gemv_reg.py, gemv_madd.py,
+# int4_madd.py); AVX-512 hosts keep the fp32 four-row kernels measured there (gemv.py).
+AVX2_ONLY = bool(_FEATURES.get("avx2")) and not bool(_FEATURES.get("avx512f"))
 
 _launch_lock = threading.Lock()
 # None until the first launch has picked a layer; then True when launches must be serialised.

@@ -14,6 +14,7 @@ from moe.cpu_kernels import decode as Dk
 from moe.cpu_kernels.combine import combine_rows
 from moe.cpu_kernels.gemv import gemv_bf16, gemv_int8
 from moe.cpu_kernels.gemv_madd import gemv_int8_madd, quantize_x16
+from moe.cpu_kernels.gemv_reg import FOUR_ROW_BYTES, gemv_bf16_reg
 from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
 from moe.cpu_kernels.int4_madd import gemv_int4_madd, permute_x16
 from moe.cpu_kernels.weight_views import weight_info
@@ -233,10 +234,11 @@ def test_quantize_x16_scale_range_and_bad_values():
         assert quantize_x16(np.array([1.0, bad, 2.0], np.float32), x16[:3]) == -1.0
 
 
-@pytest.mark.parametrize("R,S", [(9, 256), (13, 520), (3, 2), (5, 31), (7, 33), (4, 4100)])
+@pytest.mark.parametrize("R,S", [(9, 256), (13, 520), (3, 2), (5, 31), (7, 33), (4, 4100), (9, 8200), (4, 8192)])
 def test_gemv_int8_madd_rows(R, S):
     """gemv_int8_madd equals the dequantised rows times the 16-bit token exactly (up to
-    the final fp32 rounding), for rows shorter than one step, with tails, and over a flush."""
+    the final fp32 rounding), for rows shorter than one step, with tails, over a flush,
+    and for rows long enough for the four-row loop (with a leftover row)."""
     q = quantize(torch.randn(R, S), "int8")
     x16 = np.random.default_rng(4).integers(-32767, 32768, S).astype(np.int16)
     xs = 2.0 ** -12
@@ -246,14 +248,27 @@ def test_gemv_int8_madd_rows(R, S):
     np.testing.assert_allclose(out, want.numpy(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("R,S,c0,n", [(5, 100, 0, 100), (7, 300, 37, 200), (3, 63, 0, 63), (6, 1408, 704, 704),
+                                      (9, 4200, 3, FOUR_ROW_BYTES // 2 + 5), (4, 8192, 0, 8192)])
+def test_gemv_bf16_reg_windows(R, S, c0, n):
+    """gemv_bf16_reg (register accumulators; one row or, for long rows, four side by side)
+    gives widen(W[:, c0:c0+n]) x for column windows, tails and a leftover row."""
+    w = torch.randn(R, S).bfloat16()
+    x = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    out = np.full(R, np.nan, np.float32)
+    gemv_bf16_reg(x, w.view(torch.int16).numpy().view(np.uint16), out, 0, R, c0, n)
+    want = w[:, c0:c0 + n].double() @ torch.from_numpy(x).double()
+    np.testing.assert_allclose(out, want.numpy(), rtol=0, atol=2e-6 * float(want.abs().max()) * n ** 0.5)
+
+
 def test_gemv_int8_madd_extreme_codes_do_not_overflow():
     """All codes -128 against all token values -32767 over 9000 columns (several int32
     flushes) give the exact product."""
-    S = 9000
-    q = np.full((2, S), -128, np.int8)
+    S = 9000  # long enough for the four-row loop; 5 rows: one left for the one-row loop
+    q = np.full((5, S), -128, np.int8)
     x16 = np.full(S, -32767, np.int16)
-    out = np.empty(2, np.float32)
-    gemv_int8_madd(x16, 1.0, q, np.ones(2, np.float32), out, 0, 2)
+    out = np.empty(5, np.float32)
+    gemv_int8_madd(x16, 1.0, q, np.ones(5, np.float32), out, 0, 5)
     assert (out == np.float32(128 * 32767 * S)).all()
 
 
