@@ -41,7 +41,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
-from .gemv_reg import FOUR_ROW_BYTES
+from .gemv_reg import FOUR_ROW_COLS
 from .numba_util import AVX2_ONLY, host_cpu_features, njit_kernel
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
@@ -172,19 +172,19 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
     added in float64. How many rows stream side by side depends on the row length, as
     for bf16 (gemv_reg.py), measured on the 2-core Zen 3 VM, cold int8 matrices, two
     threads, same-process A/B:
-    - short rows (DeepSeek-V2-Lite: 1.4 and 2 KiB) one after another, a thread's rows
-      being one sequential stream the hardware prefetcher follows: 0.78-0.86 of the
-      read probe, against 0.50-0.67 four rows side by side;
-    - long rows (Mixtral's w2: 14 KiB) four side by side: 0.82 of the probe, against
-      0.61 one row at a time.
-    Rows of at least FOUR_ROW_BYTES take the four-row loop. No software prefetch: with
+    - short rows (DeepSeek-V2-Lite: 1408 and 2048 columns) one after another, a
+      thread's rows being one sequential stream the hardware prefetcher follows:
+      0.78-0.86 of the read probe, against 0.50-0.67 four rows side by side;
+    - long rows (Mixtral: 4096 and 14336 columns) four side by side: 0.77 and 0.82 of
+      the probe, against 0.71 and 0.61 one row at a time.
+    Rows of at least FOUR_ROW_COLS columns take the four-row loop. No software prefetch: with
     the accumulators in registers, one line 4 KiB ahead into L2 (which the earlier
     memory-accumulator form needed) streamed 4-14% slower, one 1 KiB ahead into L1 alike.
     """
     S = q_RS.shape[1]
     flat = q_RS.ravel()
     r = r_lo
-    if S >= FOUR_ROW_BYTES:
+    if S >= FOUR_ROW_COLS:
         o_4 = np.empty(4, np.int64)
         tot_4 = np.empty(4, np.float64)
         while r + 4 <= r_hi:

@@ -10,15 +10,16 @@ one intrinsic whose loop keeps its accumulators in registers (ir_loop.counted_lo
 
 How many rows stream side by side depends on the row length, measured on the 2-core
 Zen 3 VM (AVX2 only), cold bf16 matrices, two threads, same-process A/B:
-- short rows (DeepSeek-V2-Lite: 2.8 and 4 KiB) stream best one after another, a
-  thread's window being one sequential stream the hardware prefetcher follows across
+- short rows (DeepSeek-V2-Lite: 1408 and 2048 columns) stream best one after another,
+  a thread's window being one sequential stream the hardware prefetcher follows across
   rows: 0.76-0.89 of the read probe, against 0.60-0.78 with four rows side by side
   and 0.67-0.68 for gemv.py's kernel;
-- long rows (Mixtral-8x7B's w2: 28 KiB) stream best four side by side (four streams
-  per thread, each sharing the loads of x): 1.05 of the probe, against 0.82 one row at
-  a time and 0.82 for gemv.py's kernel.
-Rows of at least FOUR_ROW_BYTES take the four-row loop. A software prefetch measured
-alike or slower in both forms, so there is none.
+- long rows (Mixtral-8x7B: 4096 and 14336 columns) stream best four side by side
+  (four streams per thread, each sharing the loads of x): 0.98 and 1.05 of the probe,
+  against 0.82 one row at a time, and 0.99 and 0.82 for gemv.py's kernel.
+Windows of at least FOUR_ROW_COLS columns take the four-row loop; the int8 multiply-add
+GEMV measured the same split (gemv_madd.py). A software prefetch measured alike or
+slower in both forms, so there is none.
 
 Numerics: bf16 bits << 16 are the fp32 weight exactly; products and sums in fp32 (FMA
 where the CPU has it), summed in a different order from gemv.py's kernel.
@@ -34,11 +35,11 @@ from .ir_loop import counted_loop
 from .numba_util import njit_kernel
 from .tiles import bf16_to_f32
 
-__all__ = ["gemv_bf16_reg", "FOUR_ROW_BYTES"]
+__all__ = ["gemv_bf16_reg", "FOUR_ROW_COLS"]
 
 _STEP = 64  # columns per loop step: two 64-byte lines of bf16 per row
 _ACCS = 4  # accumulators of the one-row loop: one FMA chain each per step
-FOUR_ROW_BYTES = 8192  # rows this long or longer stream four side by side
+FOUR_ROW_COLS = 4096  # windows this wide or wider stream four rows side by side
 
 
 def _widen16(b, v):
@@ -132,7 +133,7 @@ def gemv_bf16_reg(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
     steps = n // _STEP
     k0 = steps * _STEP
     r = r_lo
-    if 2 * n >= FOUR_ROW_BYTES:
+    if n >= FOUR_ROW_COLS:
         o_4 = np.empty(4, np.float32)
         while r + 4 <= r_hi:
             base = r * S + c0

@@ -14,7 +14,7 @@ from moe.cpu_kernels import decode as Dk
 from moe.cpu_kernels.combine import combine_rows
 from moe.cpu_kernels.gemv import gemv_bf16, gemv_int8
 from moe.cpu_kernels.gemv_madd import gemv_int8_madd, quantize_x16
-from moe.cpu_kernels.gemv_reg import FOUR_ROW_BYTES, gemv_bf16_reg
+from moe.cpu_kernels.gemv_reg import FOUR_ROW_COLS, gemv_bf16_reg
 from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
 from moe.cpu_kernels.int4_madd import gemv_int4_madd, permute_x16
 from moe.cpu_kernels.weight_views import weight_info
@@ -234,7 +234,7 @@ def test_quantize_x16_scale_range_and_bad_values():
         assert quantize_x16(np.array([1.0, bad, 2.0], np.float32), x16[:3]) == -1.0
 
 
-@pytest.mark.parametrize("R,S", [(9, 256), (13, 520), (3, 2), (5, 31), (7, 33), (4, 4100), (9, 8200), (4, 8192)])
+@pytest.mark.parametrize("R,S", [(9, 256), (13, 520), (3, 2), (5, 31), (7, 33), (4, 4100), (9, 8200), (4, 8192), (5, 4096)])
 def test_gemv_int8_madd_rows(R, S):
     """gemv_int8_madd equals the dequantised rows times the 16-bit token exactly (up to
     the final fp32 rounding), for rows shorter than one step, with tails, over a flush,
@@ -249,7 +249,7 @@ def test_gemv_int8_madd_rows(R, S):
 
 
 @pytest.mark.parametrize("R,S,c0,n", [(5, 100, 0, 100), (7, 300, 37, 200), (3, 63, 0, 63), (6, 1408, 704, 704),
-                                      (9, 4200, 3, FOUR_ROW_BYTES // 2 + 5), (4, 8192, 0, 8192)])
+                                      (9, 4200, 3, FOUR_ROW_COLS + 5), (4, 8192, 0, 8192)])
 def test_gemv_bf16_reg_windows(R, S, c0, n):
     """gemv_bf16_reg (register accumulators; one row or, for long rows, four side by side)
     gives widen(W[:, c0:c0+n]) x for column windows, tails and a leftover row."""
