@@ -42,7 +42,7 @@ from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
 from .gemv_reg import FOUR_ROW_COLS
-from .numba_util import AVX2_ONLY, host_cpu_features, njit_kernel
+from .numba_util import AVX2, AVX2_ONLY, njit_kernel
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
 
@@ -50,7 +50,6 @@ BLOCK = 2048  # columns summed in int32 before a flush: 2048 * 128 * 32767 < 2^3
 _STEP = 64  # columns per loop step of _madd_rows: one 64-byte line of int8 weights per row
 PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 KiB measured alike)
 
-_AVX2 = bool(host_cpu_features().get("avx2"))
 # The decode path's choice (decode.py): measured faster on AVX2-only cores; AVX-512
 # cores keep their measured fp32 path.
 MADD_DECODE = AVX2_ONLY
@@ -61,7 +60,7 @@ def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
     vectors: one vpmaddwd on AVX2, the same sums as generic vector IR elsewhere."""
     i16, i32 = ir.IntType(16), ir.IntType(32)
     v16i16, v8i32, v16i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(i32, 16)
-    if _AVX2:
+    if AVX2:
         fnty = ir.FunctionType(v8i32, [v16i16, v16i16])
         return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd"), [t, x])
     prod = builder.mul(builder.sext(t, v16i32), builder.sext(x, v16i32))

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 import numba
 
 __all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "launches_concurrent", "max_threads",
-           "host_cpu_features", "AVX2_ONLY"]
+           "host_cpu_features", "AVX2", "AVX2_ONLY"]
 
 
 def host_cpu_features() -> dict:
@@ -58,7 +58,8 @@ _FEATURES = host_cpu_features()
 # Hosts with AVX2 and without AVX-512, where the T == 1 GEMVs measured faster as one
 # row stream per thread with register accumulators (gemv_reg.py, gemv_madd.py,
 # int4_madd.py); AVX-512 hosts keep the fp32 four-row kernels measured there (gemv.py).
-AVX2_ONLY = bool(_FEATURES.get("avx2")) and not bool(_FEATURES.get("avx512f"))
+AVX2 = bool(_FEATURES.get("avx2"))
+AVX2_ONLY = AVX2 and not bool(_FEATURES.get("avx512f"))
 
 _launch_lock = threading.Lock()
 # None until the first launch has picked a layer; then True when launches must be serialised.
