@@ -1,4 +1,7 @@
 """Numba plumbing: cache fallback, per-thread caps, bandwidth probe."""
+import os
+import subprocess
+import sys
 import threading
 
 import numba
@@ -100,3 +103,12 @@ def test_concurrent_calls_survive_the_workqueue_layer():
     proc = subprocess.run([sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_host_features_are_empty_when_compiling_for_another_cpu():
+    """Under NUMBA_CPU_NAME (code compiled for another CPU) no host feature is assumed, so
+    the kernels take their generic paths (no AVX2-only choices)."""
+    code = ("from moe.cpu_kernels import numba_util as U\n"
+            "assert U.host_cpu_features() == {} and not U.AVX2 and not U.AVX2_ONLY\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                   env=dict(os.environ, NUMBA_CPU_NAME="generic"))
