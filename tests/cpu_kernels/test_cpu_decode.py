@@ -215,6 +215,47 @@ def test_int4_generic_lanes_without_avx512():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
 
 
+def test_register_gemvs_on_a_generic_target():
+    """Compiled for a generic x86-64 target (no vpmaddwd: the pair sums as generic vector
+    IR), the int8 and int4 multiply-add GEMVs and the bf16 register GEMV still give the
+    reference products, on rows for the one-row and the four-row loops."""
+    code = (
+        "import numpy as np, torch\n"
+        "from moe.cpu_kernels import quantize\n"
+        "from moe.cpu_kernels.gemv_madd import gemv_int8_madd\n"
+        "from moe.cpu_kernels.gemv_reg import gemv_bf16_reg\n"
+        "from moe.cpu_kernels.int4_gemv import permute_x\n"
+        "from moe.cpu_kernels.int4_madd import gemv_int4_madd, permute_x16\n"
+        "from moe.cpu_kernels.numba_util import AVX2\n"
+        "assert not AVX2\n"
+        "rng = np.random.default_rng(0)\n"
+        "for R, S in ((5, 300), (5, 4160)):\n"
+        "    q = quantize(torch.randn(R, S), 'int8')\n"
+        "    x16 = rng.integers(-32767, 32768, S).astype(np.int16)\n"
+        "    out = np.empty(R, np.float32)\n"
+        "    gemv_int8_madd(x16, 2.0 ** -12, q.q_RC.numpy(), q.scale_R.numpy(), out, 0, R)\n"
+        "    want = (q.q_RC.double() @ torch.from_numpy(x16).double()) * 2.0 ** -12 * q.scale_R.double()\n"
+        "    np.testing.assert_allclose(out, want.numpy(), rtol=1e-6)\n"
+        "    w = torch.randn(R, S).bfloat16()\n"
+        "    x = rng.standard_normal(S).astype(np.float32)\n"
+        "    gemv_bf16_reg(x, w.view(torch.int16).numpy().view(np.uint16), out, 0, R, 0, S)\n"
+        "    want = (w.double() @ torch.from_numpy(x).double()).numpy()\n"
+        "    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max() * S ** 0.5)\n"
+        "q = quantize(torch.randn(6, 512), 'int4', group_size=128)\n"
+        "x = rng.standard_normal(512).astype(np.float32)\n"
+        "xp = np.empty_like(x); xsum = np.empty(4, np.float32); permute_x(x, 128, xp, xsum)\n"
+        "x16 = np.empty(512, np.int16); xq = np.empty(512, np.int16)\n"
+        "from moe.cpu_kernels.gemv_madd import quantize_x16\n"
+        "xs = quantize_x16(x, x16); permute_x16(x16, xq)\n"
+        "p = q.packed_RB.numpy(); out = np.empty(6, np.float32)\n"
+        "gemv_int4_madd(xq, xs, x, xsum, p, p.view(np.int32), q.scale_RG.numpy(), out, 0, 6)\n"
+        "want = (q.dequantize().double() @ torch.from_numpy(x16 * xs).double()).numpy()\n"
+        "np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())\n"
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="generic")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
 def test_quantize_x16_scale_range_and_bad_values():
     """The 16-bit token: power-of-two scale, |x16| <= 32767, exact for bf16 values within
     a factor 128 of the max, error <= xs / 2 elsewhere; zeros give scale 0; inf or NaN give -1 (fp32 path)."""
