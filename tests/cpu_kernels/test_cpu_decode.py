@@ -196,6 +196,12 @@ def test_expert_ffn_sees_a_swapped_storage():
                                rtol=1e-4, atol=1e-4)
 
 
+def _run_on_generic_target(code: str) -> None:
+    """Run `code` in a fresh interpreter whose numba compiles for a generic x86-64 CPU."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
 def test_int4_generic_lanes_without_avx512():
     """The int4 GEMV compiled for a generic x86-64 target (no lookup-table shuffle) gives dequant(W) x."""
     code = (
@@ -211,8 +217,7 @@ def test_int4_generic_lanes_without_avx512():
         "ref = (q.dequantize() @ torch.from_numpy(x)).numpy()\n"
         "np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)\n"
     )
-    env = dict(os.environ, NUMBA_CPU_NAME="generic")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    _run_on_generic_target(code)
 
 
 def test_register_gemvs_on_a_generic_target():
@@ -222,7 +227,7 @@ def test_register_gemvs_on_a_generic_target():
     code = (
         "import numpy as np, torch\n"
         "from moe.cpu_kernels import quantize\n"
-        "from moe.cpu_kernels.gemv_madd import gemv_int8_madd\n"
+        "from moe.cpu_kernels.gemv_madd import gemv_int8_madd, quantize_x16\n"
         "from moe.cpu_kernels.gemv_reg import gemv_bf16_reg\n"
         "from moe.cpu_kernels.int4_gemv import permute_x\n"
         "from moe.cpu_kernels.int4_madd import gemv_int4_madd, permute_x16\n"
@@ -245,15 +250,13 @@ def test_register_gemvs_on_a_generic_target():
         "x = rng.standard_normal(512).astype(np.float32)\n"
         "xp = np.empty_like(x); xsum = np.empty(4, np.float32); permute_x(x, 128, xp, xsum)\n"
         "x16 = np.empty(512, np.int16); xq = np.empty(512, np.int16)\n"
-        "from moe.cpu_kernels.gemv_madd import quantize_x16\n"
         "xs = quantize_x16(x, x16); permute_x16(x16, xq)\n"
         "p = q.packed_RB.numpy(); out = np.empty(6, np.float32)\n"
         "gemv_int4_madd(xq, xs, x, xsum, p, p.view(np.int32), q.scale_RG.numpy(), out, 0, 6)\n"
         "want = (q.dequantize().double() @ torch.from_numpy(x16 * xs).double()).numpy()\n"
         "np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())\n"
     )
-    env = dict(os.environ, NUMBA_CPU_NAME="generic")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+    _run_on_generic_target(code)
 
 
 def test_quantize_x16_scale_range_and_bad_values():
