@@ -12,8 +12,10 @@ on a 2-core Zen 3 VM. Here the token is first rounded to 16-bit fixed point
 values and adds adjacent pairs into 8 int32 lanes: three ops per 16 weights. The loop
 runs inside one intrinsic (`_madd_rows`) so that its accumulators stay in registers
 (ir_loop.py). Through memory they held one core to ~14 G values/s from L3; in registers
-~25 G values/s. From DRAM, same-process A/B on cold experts against the
-memory-accumulator form: 1.09-1.15x (DeepSeek-V2-Lite), 1.09x (Mixtral).
+~25 G values/s. From DRAM, same-process A/B on cold whole experts against the
+memory-accumulator form (one row at a time, prefetch 4 KiB ahead): 1.03-1.15x
+(DeepSeek-V2-Lite); Mixtral 0.97-0.98x with its rows four side by side (see
+gemv_int8_madd), where the one-row register form measured 0.88-1.09x.
 
 Numerics: the weights are used exactly; the token is rounded to x16 * xs with xs a
 power of two such that |x16| <= 32767, so every bf16 element within a factor 128 of the

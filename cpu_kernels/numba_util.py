@@ -55,9 +55,10 @@ def host_cpu_features() -> dict:
 
 
 _FEATURES = host_cpu_features()
-# Hosts with AVX2 and without AVX-512, where the T == 1 GEMVs measured faster as one
-# row stream per thread with register accumulators (gemv_reg.py, gemv_madd.py,
-# int4_madd.py); AVX-512 hosts keep the fp32 four-row kernels measured there (gemv.py).
+# Hosts with AVX2 and without AVX-512, where the T == 1 GEMVs measured faster with
+# register accumulators, one or four row streams per thread by row length (gemv_reg.py,
+# gemv_madd.py, int4_madd.py); AVX-512 hosts keep the fp32 four-row kernels measured
+# there (gemv.py).
 AVX2 = bool(_FEATURES.get("avx2"))
 AVX2_ONLY = AVX2 and not bool(_FEATURES.get("avx512f"))
 

@@ -42,39 +42,33 @@ def bf16_to_f32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-def _prefetch_hint(locality: int):
-    """An intrinsic (arr, idx) hinting the cache to fetch the line holding arr[idx] (no
-    fault, no effect on results) with LLVM prefetch locality 3 (prefetcht0), 2 (t1) ..."""
-    @intrinsic
-    def hint(typingctx, arr, idx):
-        if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
-            return None
-
-        def codegen(context, builder, signature, args):
-            ary = context.make_array(signature.args[0])(context, builder, args[0])
-            index = context.cast(builder, args[1], signature.args[1], types.intp)
-            i8p = ir.IntType(8).as_pointer()
-            ptr = builder.bitcast(builder.gep(ary.data, [index]), i8p)
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-            # read, the given temporal locality, data cache
-            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
-            return context.get_dummy_value()
-
-        return types.none(arr, idx), codegen
-
-    return hint
+def prefetch_ir(builder: ir.IRBuilder, ptr: ir.Value, locality: int) -> None:
+    """IR hinting the cache to fetch the line at ``ptr`` (read, data cache, LLVM temporal
+    locality 3 = prefetcht0, 2 = t1, ...): no fault, no effect on results."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, locality),
+                      ir.Constant(i32, 1)])
 
 
 # The T == 1 loops decode each byte with several instructions, so the out-of-order
 # window runs only a few cache lines ahead of the loads; a software prefetch a few
 # hundred bytes ahead in every row stream keeps more DRAM requests in flight.
-prefetch = _prefetch_hint(3)
-# Into L2 (prefetcht1), for the row-sequential multiply-add GEMVs (gemv_madd.py): on
-# Zen 3 a T0 hint a few KiB ahead measured up to ~10% slower streams than T1/T2, which
-# leave L1 to the demand loads.
-prefetch_l2 = _prefetch_hint(2)
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the cache to fetch the line holding arr[idx] into L1 (prefetcht0; no fault,
+    no effect on results)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        prefetch_ir(builder, builder.gep(ary.data, [index]), 3)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
 
 
 @intrinsic
