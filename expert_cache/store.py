@@ -8,12 +8,20 @@ one contiguous memcpy per tensor.
 A store may hold only a subset of the experts (`held_LE`): under expert parallelism each
 rank keeps just its own. Then each layer's tensors have one row per held expert, and
 asking for an expert that is not held raises.
+
+Unpinned layers and the packed CPU copies live in transparent huge pages where the host
+offers them (cpu_kernels.hostmem): the CPU kernels stream them with fewer TLB misses.
+Pinned layers (for device copies) keep the allocator's pages.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-__all__ = ["HostExpertStore"]
+from moe.cpu_kernels.hostmem import empty_huge, pack
+
+__all__ = ["HostExpertStore", "pack_experts"]
 
 
 class HostExpertStore:
@@ -86,11 +94,20 @@ class HostExpertStore:
         return self.expert_bytes * int(self.held_LE.sum())
 
     # -- filling -----------------------------------------------------------------------
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.pin_memory:
+            return torch.empty(shape, dtype=self.dtype, pin_memory=True)
+        return empty_huge(shape, self.dtype)
+
+    def _rows_copy(self, t_E: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """t_E[rows] in fresh memory of this store's kind."""
+        return torch.index_select(t_E, 0, rows, out=self._empty((len(rows), *t_E.shape[1:])))
+
     def _alloc(self, layer: int) -> None:
         if self._w13[layer] is None:
             E, D, F = int(self.held_LE[layer].sum()), self.hidden, self.inter
-            self._w13[layer] = torch.empty(E, 2 * F, D, dtype=self.dtype, pin_memory=self.pin_memory)
-            self._w2[layer] = torch.empty(E, D, F, dtype=self.dtype, pin_memory=self.pin_memory)
+            self._w13[layer] = self._empty((E, 2 * F, D))
+            self._w2[layer] = self._empty((E, D, F))
 
     def set_layer(self, layer: int, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor) -> None:
         """Take a whole layer. Without pinning a CPU tensor of the right dtype is adopted
@@ -155,9 +172,9 @@ class HostExpertStore:
         weights stay for device copies)."""
         from moe.cpu_kernels import quantize
 
-        self._cpu_q = [[(quantize(self._w13[l][r], scheme, group_size),
-                         quantize(self._w2[l][r], scheme, group_size))
-                        for r in range(int(self.held_LE[l].sum()))] for l in range(self.num_layers)]
+        self._cpu_q = [pack_experts([(quantize(self._w13[l][r], scheme, group_size),
+                                     quantize(self._w2[l][r], scheme, group_size))
+                                    for r in range(int(self.held_LE[l].sum()))]) for l in range(self.num_layers)]
 
     def cpu_weights(self, layer: int, expert: int):
         """(w13, w2) the CPU kernel should read: packed when quantized, else the dense views."""
@@ -194,12 +211,10 @@ class HostExpertStore:
         for l in range(self.num_layers):
             if self._w13[l] is not None and not torch.equal(held_LE[l], self.held_LE[l]):
                 rows = old_row_LE[l][held_LE[l]]
-                self._w13[l], self._w2[l] = self._w13[l][rows].clone(), self._w2[l][rows].clone()
+                self._w13[l], self._w2[l] = self._rows_copy(self._w13[l], rows), self._rows_copy(self._w2[l], rows)
                 self._drop_views(l)
-                if self.pin_memory:
-                    self._w13[l], self._w2[l] = self._w13[l].pin_memory(), self._w2[l].pin_memory()
-                if self._cpu_q is not None:
-                    self._cpu_q[l] = [self._cpu_q[l][int(r)] for r in rows]
+                if self._cpu_q is not None:  # repacked, so the dropped experts' arena is freed
+                    self._cpu_q[l] = pack_experts([self._cpu_q[l][int(r)] for r in rows])
         self._filled &= held_LE[:, :, None]
         self._set_held(held_LE)
 
@@ -213,3 +228,23 @@ class HostExpertStore:
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"MoE layer {layer} out of range 0..{self.num_layers - 1}")
+
+
+def pack_experts(pairs: list[tuple]) -> list[tuple]:
+    """Copies of (w13, w2) pairs (tensors or Int8Weight/Int4Weight) with every tensor of
+    theirs in one huge-page arena (hostmem.pack): a layer's experts share huge pages
+    instead of each leaving a tail in small pages. The arena lives while any copy does."""
+    def tensors(w) -> dict:
+        if isinstance(w, torch.Tensor):
+            return {None: w}
+        return {k: v for k, v in vars(w).items() if isinstance(v, torch.Tensor)}
+
+    fields = [[tensors(w) for w in pair] for pair in pairs]
+    copies = iter(pack([t for pair in fields for f in pair for t in f.values()]))
+
+    def rebuilt(w, f: dict):
+        if isinstance(w, torch.Tensor):
+            return next(copies)
+        return dataclasses.replace(w, **{k: next(copies) for k in f})
+
+    return [tuple(rebuilt(w, f) for w, f in zip(pair, fpair)) for pair, fpair in zip(pairs, fields)]
