@@ -14,6 +14,10 @@ weight format (fp32, bf16, int8, int4) and token count T, measures in one run:
 
 Weights come from a pool of distinct experts totalling more than the last-level cache,
 visited round-robin, so every call streams its weights from DRAM as in real decode.
+They sit in memory as the host expert store keeps them: up to 64 experts (a layer) per
+huge-page arena where the host offers transparent huge pages (expert_cache.store.
+pack_experts); the torch baseline's weights and the probe's array likewise, so all three
+see the same page size. ``--plain-pages`` puts all three in the allocator's pages.
 Each pool is visited once untimed before timing: steady-state decode applies experts
 it has applied before, and ours caches per-weight checks and views on first sight.
 Ours and torch alternate in short blocks of calls so that both see the same machine
@@ -28,7 +32,7 @@ of the probe samples taken between the same blocks (``goals_same_window``,
 ``frac_of_probe``). Prints one JSON line last.
 
     python bench/cpu_expert.py [--quick] [--json] [--threads N] [--repeats N] [--tokens 1,4,16]
-                               [--shapes mixtral-8x7b,...] [--wait-idle SECONDS]
+                               [--shapes mixtral-8x7b,...] [--wait-idle SECONDS] [--plain-pages]
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from moe.cpu_kernels import BandwidthProbe, Int4Weight, Int8Weight, expert_ffn, read_bandwidth_gbps, weight_nbytes
+from moe.cpu_kernels.hostmem import mapping_of, thp_mode
+from moe.expert_cache.store import pack_experts
 
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408)}
 DTYPES = ("fp32", "bf16", "int8", "int4")
@@ -53,6 +59,7 @@ POOL_BYTES = 768 << 20  # > 2x this machine's 260 MiB L3: every call misses the 
 GOAL_FRAC_OF_BOUND = 0.8  # bf16 and int8 at T=1
 GOAL_INT4_OVER_BF16 = 2.5  # int4 tokens/s over bf16 tokens/s at T=1
 BLOCK = 4  # timed calls per side between switches (see _time_blocks)
+ARENA_EXPERTS = 64  # experts per huge-page arena: a DeepSeek-V2-Lite layer, as the store packs them
 
 
 def _random_bf16_rows(rows: int, cols: int, scale: float) -> torch.Tensor:
@@ -114,13 +121,41 @@ def _expert_bytes(w13, w2) -> int:
     return weight_nbytes(w13) + weight_nbytes(w2)
 
 
-def _pool(D: int, Fh: int, dtype: str, max_experts: int | None = None) -> list:
-    """Distinct experts totalling at least POOL_BYTES (at least 2)."""
+def _pool(D: int, Fh: int, dtype: str, max_experts: int | None = None, huge_pages: bool = True) -> list:
+    """Distinct experts totalling at least POOL_BYTES (at least 2); with huge_pages, in
+    huge-page arenas of ARENA_EXPERTS experts, as the expert store keeps them."""
     first = _make_expert(D, Fh, dtype)
     n = max(2, math.ceil(POOL_BYTES / _expert_bytes(*first)))
     if max_experts is not None:
         n = min(n, max_experts)
-    return [first] + [_make_expert(D, Fh, dtype) for _ in range(n - 1)]
+    pool = [first] + [_make_expert(D, Fh, dtype) for _ in range(n - 1)]
+    return _arenas(pool) if huge_pages else pool
+
+
+def _arenas(pool: list) -> list:
+    """The pool's experts copied into huge-page arenas, ARENA_EXPERTS at a time."""
+    out = []
+    for i in range(0, len(pool), ARENA_EXPERTS):
+        out += pack_experts(pool[i:i + ARENA_EXPERTS])
+        pool[i:i + ARENA_EXPERTS] = [None] * len(pool[i:i + ARENA_EXPERTS])  # free as we go
+    return out
+
+
+def _huge_fraction(pool: list) -> float | None:
+    """Share of the pool's weight bytes the kernel backs with huge pages right now (the
+    advice asks for them; a host short of free 2 MiB blocks may still give small pages).
+    None where /proc/self/smaps cannot be read."""
+    mappings, nbytes = {}, 0
+    for pair in pool:
+        for w in pair:
+            for t in ([w] if isinstance(w, torch.Tensor) else [v for v in vars(w).values()
+                                                               if isinstance(v, torch.Tensor)]):
+                nbytes += t.numel() * t.element_size()
+                m = mapping_of(t.data_ptr())
+                if m is None:
+                    return None
+                mappings[m["start"]] = m["huge_kb"]
+    return round(min(1.0, sum(mappings.values()) * 1024 / nbytes), 3) if nbytes else None
 
 
 def torch_expert(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -156,9 +191,9 @@ def _time_blocks(ours, ref, calls: int, block: int = BLOCK,
 
 
 def bench_format(name: str, D: int, Fh: int, dtype: str, tokens, repeats: int, threads: int,
-                 probe: BandwidthProbe | None = None):
+                 probe: BandwidthProbe | None = None, huge_pages: bool = True):
     """Results for one shape and weight format, all token counts."""
-    pool = _pool(D, Fh, dtype)
+    pool = _pool(D, Fh, dtype, huge_pages=huge_pages)
     x_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     if dtype in ("fp32", "bf16"):
         ref_pool = pool
@@ -166,6 +201,8 @@ def bench_format(name: str, D: int, Fh: int, dtype: str, tokens, repeats: int, t
         n_ref = max(2, math.ceil(POOL_BYTES / (6 * D * Fh)))
         ref_pool = [(pool[i % len(pool)][0].dequantize(torch.bfloat16),
                      pool[i % len(pool)][1].dequantize(torch.bfloat16)) for i in range(n_ref)]
+        ref_pool = _arenas(ref_pool) if huge_pages else ref_pool
+    pages = dict(huge_frac=_huge_fraction(pool), ref_huge_frac=_huge_fraction(ref_pool))
     ours_bytes = _expert_bytes(*pool[0])
     ref_bytes = _expert_bytes(*ref_pool[0])
     rows = []
@@ -197,7 +234,7 @@ def bench_format(name: str, D: int, Fh: int, dtype: str, tokens, repeats: int, t
                          gbps=round(ours_bytes / t_ours / 1e9, 2), ref_gbps=round(ref_bytes / t_ref / 1e9, 2),
                          speedup_vs_ref=round(t_ref / t_ours, 2), weight_mb=round(ours_bytes / 1e6, 1),
                          best_gbps=round(ours_bytes / min(ts_ours) / 1e9, 2),
-                         best_ref_gbps=round(ref_bytes / min(ts_ref) / 1e9, 2), calls=calls, **window))
+                         best_ref_gbps=round(ref_bytes / min(ts_ref) / 1e9, 2), calls=calls, **pages, **window))
     del pool, ref_pool
     return rows
 
@@ -230,6 +267,8 @@ def main(argv=None) -> dict:
     p.add_argument("--shapes", default=None, help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each format, wait up to this long for the CPUs to be >= 85%% idle")
+    p.add_argument("--plain-pages", action="store_true",
+                   help="weights, baseline and probe in the allocator's pages instead of huge pages")
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
     threads = args.threads or numba.get_num_threads()
@@ -247,8 +286,9 @@ def main(argv=None) -> dict:
             print(msg, flush=True)
 
     load_start = os.getloadavg()[0]  # other work on the machine skews every number; record it
-    bounds = [read_bandwidth_gbps(args.bw_bytes, repeats=5, num_threads=threads)]
-    probe = BandwidthProbe(256 << 20, num_threads=threads)
+    huge = not args.plain_pages
+    bounds = [read_bandwidth_gbps(args.bw_bytes, repeats=5, num_threads=threads, huge_pages=huge)]
+    probe = BandwidthProbe(256 << 20, num_threads=threads, huge_pages=huge)
     log(f"read bandwidth: {bounds[-1]:.2f} GB/s ({threads} threads)")
     results = []
     busy_starts = 0
@@ -256,12 +296,12 @@ def main(argv=None) -> dict:
         for dtype in DTYPES:
             if args.wait_idle > 0 and not _wait_idle(args.wait_idle):
                 busy_starts += 1
-            for row in bench_format(name, D, Fh, dtype, tokens, repeats, threads, probe):
+            for row in bench_format(name, D, Fh, dtype, tokens, repeats, threads, probe, huge):
                 results.append(row)
                 log(f"{name:17s} {dtype:5s} T={row['T']:3d}  ours {row['ms']:9.3f} ms {row['gbps']:6.2f} GB/s"
                     f"  torch {row['ref_ms']:9.3f} ms {row['ref_gbps']:6.2f} GB/s  x{row['speedup_vs_ref']}"
                     f"  probe {row['probe_gbps']:6.2f} GB/s (ours {row['frac_of_probe']:.3f} of it)")
-            bounds.append(read_bandwidth_gbps(args.bw_bytes, repeats=3, num_threads=threads))
+            bounds.append(read_bandwidth_gbps(args.bw_bytes, repeats=3, num_threads=threads, huge_pages=huge))
             log(f"read bandwidth: {bounds[-1]:.2f} GB/s")
     bound = max(bounds)
     for row in results:
@@ -272,7 +312,7 @@ def main(argv=None) -> dict:
                    bound_samples_gbps=[round(b, 2) for b in bounds],
                    load_avg_1min=[round(load_start, 2), round(os.getloadavg()[0], 2)],
                    wait_idle_s=args.wait_idle, formats_started_busy=busy_starts,
-                   int4_group_size=INT4_GROUP,
+                   int4_group_size=INT4_GROUP, thp=thp_mode(), pages="plain" if args.plain_pages else "huge",
                    timing=f"alternating blocks of {BLOCK} calls, first call after a switch untimed",
                    results=results, goals=_goals(results, bound), goals_same_window=_goals(results, None))
     print(json.dumps(summary))
