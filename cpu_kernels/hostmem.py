@@ -4,13 +4,14 @@ Shape key: N bytes.
 
 A decode step streams every active expert's bytes from DRAM once. With 4 KiB pages that
 is one TLB miss per 4 KiB, and in a virtual machine each miss walks two page tables
-(guest and host). On the 2-core Zen 3 KVM guest, same-process A/B, cold pools of whole
-experts, weights in 2 MiB pages against the torch allocator's 4 KiB ones (T == 1,
-expert_ffn's fused kernels, two threads):
-    Mixtral-8x7B int8 1.02x and 1.18x, bf16 1.09x;
-    DeepSeek-V2-Lite int8 0.99-1.08x (median 1.02x), bf16 1.01x;
-while the plain streaming sum of the bandwidth probe moved by -1% to +7% (it keeps one
-stream per thread, which the page walker follows well).
+(guest and host). On the 2-core Zen 3 KVM guest, same-process A/B through expert_ffn
+(T == 1, two threads), cold pools of whole experts packed into huge-page arenas as the
+store keeps them, against the same experts in the torch allocator's 4 KiB pages:
+    Mixtral-8x7B       bf16 1.12x, 1.13x   int8 1.04x, 1.14x   int4 1.00x
+    DeepSeek-V2-Lite   bf16 1.08x          int8 1.07x, 1.02x   int4 1.07x
+while the plain streaming sum of the bandwidth probe moved by -8% to +8% between the
+two page sizes, with no sign: one sequential stream per thread, which the page walker
+keeps up with.
 
 Linux gives an anonymous private mapping huge pages when transparent huge pages are
 "always" on, or "madvise" and the range is advised (MADV_HUGEPAGE). Elsewhere, or for

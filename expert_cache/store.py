@@ -9,9 +9,12 @@ A store may hold only a subset of the experts (`held_LE`): under expert parallel
 rank keeps just its own. Then each layer's tensors have one row per held expert, and
 asking for an expert that is not held raises.
 
-Unpinned layers and the packed CPU copies live in transparent huge pages where the host
-offers them (cpu_kernels.hostmem): the CPU kernels stream them with fewer TLB misses.
-Pinned layers (for device copies) keep the allocator's pages.
+Layers the store allocates (unpinned) and the packed CPU copies live in transparent huge
+pages where the host offers them (cpu_kernels.hostmem): the CPU kernels stream them with
+fewer TLB misses, 0-14% faster per expert (figures in hostmem.py). Two kinds keep the
+allocator's pages: pinned layers (for device copies; pinning a huge-page range would need
+cudaHostRegister) and layers adopted by set_layer without a copy (a copy would double a
+layer's memory while the caller still holds it).
 """
 from __future__ import annotations
 
