@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from moe.cpu_kernels import BandwidthProbe, Int4Weight, Int8Weight, expert_ffn, read_bandwidth_gbps, weight_nbytes
 from moe.cpu_kernels.hostmem import mapping_of, thp_mode
-from moe.expert_cache.store import pack_experts
+from moe.expert_cache.store import pack_experts, weight_tensors
 
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408)}
 DTYPES = ("fp32", "bf16", "int8", "int4")
@@ -148,8 +148,7 @@ def _huge_fraction(pool: list) -> float | None:
     mappings, nbytes = {}, 0
     for pair in pool:
         for w in pair:
-            for t in ([w] if isinstance(w, torch.Tensor) else [v for v in vars(w).values()
-                                                               if isinstance(v, torch.Tensor)]):
+            for t in weight_tensors(w).values():
                 nbytes += t.numel() * t.element_size()
                 m = mapping_of(t.data_ptr())
                 if m is None:

@@ -24,7 +24,7 @@ import torch
 
 from moe.cpu_kernels.hostmem import empty_huge, pack
 
-__all__ = ["HostExpertStore", "pack_experts"]
+__all__ = ["HostExpertStore", "pack_experts", "weight_tensors"]
 
 
 class HostExpertStore:
@@ -233,16 +233,19 @@ class HostExpertStore:
             raise ValueError(f"MoE layer {layer} out of range 0..{self.num_layers - 1}")
 
 
+def weight_tensors(w) -> dict:
+    """The tensors a weight holds: {None: w} for a tensor, {field: tensor} for a packed
+    Int8Weight/Int4Weight."""
+    if isinstance(w, torch.Tensor):
+        return {None: w}
+    return {k: v for k, v in vars(w).items() if isinstance(v, torch.Tensor)}
+
+
 def pack_experts(pairs: list[tuple]) -> list[tuple]:
     """Copies of (w13, w2) pairs (tensors or Int8Weight/Int4Weight) with every tensor of
     theirs in one huge-page arena (hostmem.pack): a layer's experts share huge pages
     instead of each leaving a tail in small pages. The arena lives while any copy does."""
-    def tensors(w) -> dict:
-        if isinstance(w, torch.Tensor):
-            return {None: w}
-        return {k: v for k, v in vars(w).items() if isinstance(v, torch.Tensor)}
-
-    fields = [[tensors(w) for w in pair] for pair in pairs]
+    fields = [[weight_tensors(w) for w in pair] for pair in pairs]
     copies = iter(pack([t for pair in fields for f in pair for t in f.values()]))
 
     def rebuilt(w, f: dict):

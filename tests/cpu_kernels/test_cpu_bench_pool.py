@@ -1,21 +1,14 @@
 """bench/cpu_expert.py: its weight pools sit in huge-page arenas as the store keeps them, values unchanged."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from bench_script import load_bench
 
 from moe.cpu_kernels import expert_ffn
-
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "cpu_expert.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu_expert", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("cpu_expert")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])

@@ -1,7 +1,6 @@
 """bench/gpu_moe.py: its torch baselines compute the MoE layer, and it skips cleanly without CUDA."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_script import BENCH_DIR, load_bench
 
 from moe.gpu_kernels import fused_moe_reference
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_moe.py"
+_BENCH = BENCH_DIR / "gpu_moe.py"
 
 # (T, E, K, D, F, dtype)
 SHAPES = [(1, 8, 2, 16, 24, torch.float32), (5, 4, 1, 9, 7, torch.float32), (33, 8, 2, 16, 12, torch.bfloat16),
@@ -22,10 +22,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_moe_bench", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_moe")
 
 
 @pytest.mark.parametrize("baseline", ["loop", "grouped_mm", "bmm"])

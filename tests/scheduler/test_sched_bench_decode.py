@@ -1,23 +1,16 @@
 """bench/decode.py: real shapes scale as documented, the bound is sane, and a tiny run prints its JSON line."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from bench_script import load_bench
 
 from moe.scheduler.cost_model import AnalyticCostModel
 from moe.scheduler.profile import save_profile
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("decode")
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"])
