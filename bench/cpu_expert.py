@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.cpu_kernels import BandwidthProbe, Int4Weight, Int8Weight, expert_ffn, read_bandwidth_gbps, weight_nbytes
-from moe.cpu_kernels.hostmem import mapping_of, thp_mode
+from moe.cpu_kernels.hostmem import mapping_of, mappings, thp_mode
 from moe.expert_cache.store import pack_experts, weight_tensors
 
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408)}
@@ -145,16 +145,17 @@ def _huge_fraction(pool: list) -> float | None:
     """Share of the pool's weight bytes the kernel backs with huge pages right now (the
     advice asks for them; a host short of free 2 MiB blocks may still give small pages).
     None where /proc/self/smaps cannot be read."""
-    mappings, nbytes = {}, 0
+    maps = mappings()
+    huge_kb, nbytes = {}, 0
     for pair in pool:
         for w in pair:
             for t in weight_tensors(w).values():
                 nbytes += t.numel() * t.element_size()
-                m = mapping_of(t.data_ptr())
+                m = mapping_of(t.data_ptr(), maps)
                 if m is None:
                     return None
-                mappings[m["start"]] = m["huge_kb"]
-    return round(min(1.0, sum(mappings.values()) * 1024 / nbytes), 3) if nbytes else None
+                huge_kb[m["start"]] = m["huge_kb"]
+    return round(min(1.0, sum(huge_kb.values()) * 1024 / nbytes), 3) if nbytes else None
 
 
 def torch_expert(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

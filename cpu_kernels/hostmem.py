@@ -25,6 +25,8 @@ huge pages instead of each leaving a 4 KiB-paged tail.
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import mmap
 import re
 import sys
@@ -32,7 +34,8 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["HUGE_PAGE", "thp_mode", "huge_pages_enabled", "empty_huge", "empty_huge_np", "pack", "mapping_of"]
+__all__ = ["HUGE_PAGE", "thp_mode", "huge_pages_enabled", "empty_huge", "empty_huge_np", "pack", "mappings",
+           "mapping_of"]
 
 HUGE_PAGE = 2 << 20
 _ALIGN = 64  # start of each packed tensor: a cache line
@@ -53,8 +56,10 @@ def thp_mode() -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+@functools.cache
 def huge_pages_enabled() -> bool:
-    """Whether empty_huge can hand out huge-page-backed memory on this host."""
+    """Whether empty_huge can hand out huge-page-backed memory on this host (read once:
+    every large allocation asks)."""
     return thp_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
 
 
@@ -80,11 +85,10 @@ def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     shape = tuple(shape)
     if any(not isinstance(s, int) or s < 0 for s in shape):
         raise ValueError(f"shape must hold ints >= 0, got {shape}")
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize < HUGE_PAGE:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
-    return torch.from_numpy(empty_huge_np(numel * itemsize)).view(dtype).view(shape)
+    return torch.from_numpy(empty_huge_np(nbytes)).view(dtype).view(shape)
 
 
 def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -111,27 +115,34 @@ def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def mapping_of(addr: int) -> dict | None:
-    """The memory mapping holding address addr, from /proc/self/smaps: {"start": its first
-    address, "kb": its size, "advised": the huge-page advice is set, "huge_kb": how much
-    of it the kernel backs with huge pages now}; None where smaps cannot be read or addr
-    is not mapped."""
+def mappings() -> list[dict] | None:
+    """This process's memory mappings in address order, from /proc/self/smaps, each
+    {"start", "end": its address range, "kb": its size, "advised": the huge-page advice
+    is set, "huge_kb": how much of it the kernel backs with huge pages now}; None where
+    smaps cannot be read."""
     try:
         with open("/proc/self/smaps") as f:
             text = f.read()
     except OSError:
         return None
-    found = None
+    out: list[dict] = []
     for line in text.splitlines():
         m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if m:
-            if found is not None:
-                break
             lo, hi = int(m.group(1), 16), int(m.group(2), 16)
-            if lo <= addr < hi:
-                found = {"start": lo, "kb": (hi - lo) >> 10, "advised": False, "huge_kb": 0}
-        elif found is not None and line.startswith("AnonHugePages:"):
-            found["huge_kb"] = int(line.split()[1])
-        elif found is not None and line.startswith("VmFlags:"):
-            found["advised"] = "hg" in line.split()[1:]
-    return found
+            out.append({"start": lo, "end": hi, "kb": (hi - lo) >> 10, "advised": False, "huge_kb": 0})
+        elif out and line.startswith("AnonHugePages:"):
+            out[-1]["huge_kb"] = int(line.split()[1])
+        elif out and line.startswith("VmFlags:"):
+            out[-1]["advised"] = "hg" in line.split()[1:]
+    return out
+
+
+def mapping_of(addr: int, maps: list[dict] | None = None) -> dict | None:
+    """The mapping (as in `mappings`) holding address addr; None where smaps cannot be
+    read or addr is not mapped. Pass `maps` to look up many addresses in one reading."""
+    maps = mappings() if maps is None else maps
+    if not maps:
+        return None
+    i = bisect.bisect_right([m["start"] for m in maps], addr) - 1
+    return maps[i] if i >= 0 and addr < maps[i]["end"] else None
