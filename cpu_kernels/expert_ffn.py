@@ -105,7 +105,7 @@ def _decode(x_TD: torch.Tensor, bf16: bool, i13: WeightInfo, i2: WeightInfo, out
 
 
 # decode format -> (calling-thread kernel, thread-pool kernel)
-# int8 and int4: 16-bit multiply-add where measured faster (AVX2 without AVX-512;
+# int8 and int4: 16-bit multiply-add where measured faster (numba_util.REG_GEMV;
 # gemv_madd.py, int4_madd.py); the fp32 kernels elsewhere.
 if MADD_DECODE:
     _DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8_madd, Dk.decode_int8_madd_pool),

@@ -35,7 +35,7 @@ from numba import types
 from numba.core.extending import intrinsic
 
 from .gemv_reg import gemv_bf16_reg
-from .numba_util import AVX2_ONLY, njit_kernel
+from .numba_util import REG_GEMV, njit_kernel
 from .tiles import prefetch as _prefetch
 from .tiles import wide_vectors as _wide_vectors
 
@@ -184,9 +184,9 @@ def _gemv_rows(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
 def gemv_bf16(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
     """out_R[r] = widen(w_RS[r, c0:c0+n]) . x_N for r in r_lo:r_hi (w_RS: bf16 bits, uint16).
 
-    On AVX2-only hosts with register accumulators (gemv_reg.py, measured faster there);
+    With register accumulators where measured faster (gemv_reg.py, numba_util.REG_GEMV);
     elsewhere the four-row kernel above."""
-    if AVX2_ONLY:
+    if REG_GEMV:
         gemv_bf16_reg(x_N, w_RS, out_R, r_lo, r_hi, c0, n)
     else:
         _gemv_rows(x_N, w_RS, out_R, r_lo, r_hi, c0, n)

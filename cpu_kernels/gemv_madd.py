@@ -28,9 +28,11 @@ below the int8 rounding of the weights themselves. A vector holding inf or NaN h
 fixed-point form: `quantize_x16` returns -1 and callers use the fp32 path (gemv.py), so
 bad values still propagate.
 
-Where: the decode path (decode.py) uses this on hosts with AVX2 and without AVX-512;
-on AVX-512 cores the 16-lane fp32 path is the measured one (see gemv.py). The kernel
-itself runs anywhere: without AVX2 the same arithmetic is written as generic vector IR.
+Where: the decode path (decode.py) uses this where numba_util.REG_GEMV holds: AVX2-only
+cores, and Zen 4 (AVX-512), where it measured 1.70x the fp32 path on cold DeepSeek-V2-Lite
+experts and alike on Mixtral's. On other AVX-512 cores the 16-lane fp32 path is the
+measured one (see gemv.py). The kernel itself runs anywhere: without AVX2 the same
+arithmetic is written as generic vector IR.
 """
 from __future__ import annotations
 
@@ -44,17 +46,21 @@ from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
 from .gemv_reg import FOUR_ROW_COLS
-from .numba_util import AVX2, AVX2_ONLY, njit_kernel
+from .numba_util import AVX2, REG_GEMV, njit_kernel
+from .tiles import prefetch_ir
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
 
 BLOCK = 2048  # columns summed in int32 before a flush: 2048 * 128 * 32767 < 2^31
 _STEP = 64  # columns per loop step of _madd_rows: one 64-byte line of int8 weights per row
 PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 KiB measured alike)
+# Prefetch distance of the one-row int8 loop (see gemv_int8_madd): 768-1024 measured
+# best, 512 and 1536 in between, 2048 no better than none.
+PF_ROW_BYTES = 1024
 
-# The decode path's choice (decode.py): measured faster on AVX2-only cores; AVX-512
-# cores keep their measured fp32 path.
-MADD_DECODE = AVX2_ONLY
+# The decode path's choice (decode.py): measured faster on AVX2-only Zen 3 and on
+# AVX-512 Zen 4 cores (numba_util.REG_GEMV); other AVX-512 cores keep their fp32 path.
+MADD_DECODE = REG_GEMV
 
 
 def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
@@ -78,8 +84,9 @@ def _madd_rows(typingctx, w_flat, wi, S, x16_N, xi, steps, out_4):
     k < 64 * steps of w[wi + j * S + k] * x16[xi + k] (int32 lanes: callers keep
     steps * 64 <= BLOCK): one row returns it as int64, four rows store it in out_4. The
     loop and its accumulators live in the IR (ir_loop.counted_loop), so they stay in
-    registers. vpmaddwd on AVX2, the same sums in generic vector IR elsewhere. Callers
-    keep every index in bounds."""
+    registers. vpmaddwd on AVX2, the same sums in generic vector IR elsewhere. The
+    one-row loop prefetches its stream PF_ROW_BYTES ahead (a hint: addresses past the
+    array never fault). Callers keep every index in bounds."""
     if not (isinstance(w_flat, types.Array) and w_flat.dtype == types.int8
             and isinstance(x16_N, types.Array) and x16_N.dtype == types.int16):
         return None
@@ -106,6 +113,8 @@ def _madd_rows(typingctx, w_flat, wi, S, x16_N, xi, steps, out_4):
             off = b.mul(i, ir.Constant(intp, 64))
             x0 = b.add(xbase, off)
             accs = list(accs)
+            if rows == 1:
+                prefetch_ir(b, b.gep(wdata, [b.add(b.add(row_base[0], off), ir.Constant(intp, PF_ROW_BYTES))]), 0)
             for h in range(4):
                 c = ir.Constant(intp, 16 * h)
                 x = b.load(b.bitcast(b.gep(xdata, [b.add(x0, c)]), v16i16.as_pointer()), align=2)
@@ -178,9 +187,17 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
       0.78-0.86 of the read probe, against 0.50-0.67 four rows side by side;
     - long rows (Mixtral: 4096 and 14336 columns) four side by side: 0.77 and 0.82 of
       the probe, against 0.71 and 0.61 one row at a time.
-    Rows of at least FOUR_ROW_COLS columns take the four-row loop. No software prefetch: with
-    the accumulators in registers, one line 4 KiB ahead into L2 (which the earlier
-    memory-accumulator form needed) streamed 4-14% slower, one 1 KiB ahead into L1 alike.
+    Rows of at least FOUR_ROW_COLS columns take the four-row loop.
+
+    Software prefetch, one-row loop: one prefetchnta per 64-byte step, PF_ROW_BYTES
+    ahead. The loop decodes each line with ~18 instructions, so the out-of-order window
+    holds only ~14 lines of demand loads: one core then streamed ~14 GB/s from DRAM
+    where a plain fp32 sum streams ~25. Same-process A/B on cold DeepSeek-V2-Lite int8
+    experts with the weights in huge pages (whole decode, two threads): 1.05-1.07x for
+    1024 bytes ahead, 1.06x for 768, 1.03-1.04x for 512 and 1536, 0.97x for 2048;
+    with the empty tail call per row skipped as well, 1.07x and 1.11x over the kernel
+    without either. Earlier, on 4 KiB pages, 1 KiB ahead had measured alike and 4 KiB
+    ahead 4-14% slower. The four-row loop has none.
     """
     S = q_RS.shape[1]
     flat = q_RS.ravel()
@@ -195,8 +212,9 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
                 b1 = min(S, b0 + BLOCK)
                 steps = (b1 - b0) // _STEP
                 _madd_rows(flat, base + b0, S, x16_N, b0, steps, o_4)
+                k0 = b0 + steps * _STEP
                 for j in range(4):
-                    tot_4[j] += float(o_4[j] + _tail_dot(flat, base + j * S, x16_N, b0 + steps * _STEP, b1))
+                    tot_4[j] += float(o_4[j] + (_tail_dot(flat, base + j * S, x16_N, k0, b1) if k0 < b1 else 0))
             for j in range(4):
                 out_R[r + j] = np.float32(tot_4[j] * xs * scale_R[r + j])
             r += 4
@@ -206,6 +224,9 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
         for b0 in range(0, S, BLOCK):
             b1 = min(S, b0 + BLOCK)
             steps = (b1 - b0) // _STEP
+            k0 = b0 + steps * _STEP
+            # The tail only when there is one: an empty call per row cost ~3% of a
+            # DeepSeek-V2-Lite expert (rows of 22 and 32 whole steps).
             tot += float(_madd_rows(flat, base + b0, S, x16_N, b0, steps, None)
-                         + _tail_dot(flat, base, x16_N, b0 + steps * _STEP, b1))
+                         + (_tail_dot(flat, base, x16_N, k0, b1) if k0 < b1 else 0))
         out_R[r] = np.float32(tot * xs * scale_R[r])

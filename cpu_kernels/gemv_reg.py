@@ -18,8 +18,18 @@ Zen 3 VM (AVX2 only), cold bf16 matrices, two threads, same-process A/B:
   (four streams per thread, each sharing the loads of x): 0.98 and 1.05 of the probe,
   against 0.82 one row at a time, and 0.99 and 0.82 for gemv.py's kernel.
 Windows of at least FOUR_ROW_COLS columns take the four-row loop; the int8 multiply-add
-GEMV measured the same split (gemv_madd.py). A software prefetch measured alike or
-slower in both forms, so there is none.
+GEMV measured the same split (gemv_madd.py). On the 2-core Zen 4 VM (AVX-512, where
+numba_util.REG_GEMV also picks this kernel) short bf16 rows measured the other way: four
+side by side 1.14x one after another (DeepSeek-V2-Lite, same-process A/B, median of 400
+paired rounds, interquartile 1.10-1.17x), while the int8 multiply-add loop kept its
+split there (four rows 0.62x). So on AVX-512 hosts bf16 windows of at least
+BF16_FOUR_ROW_COLS_AVX512 columns take the four-row loop.
+
+Software prefetch: the one-row loop prefetches (prefetchnta) both lines of each step
+PF_ROW_BYTES ahead. With the weights in huge pages, same-process A/B on cold
+DeepSeek-V2-Lite bf16 experts (whole decode, two threads, together with skipping the
+empty tail call per row): 1.07x for 1024 bytes ahead (twice), 1.04x for 512, 0.99x for
+2048. On 4 KiB pages a prefetch had measured alike or slower; the four-row loop has none.
 
 Numerics: bf16 bits << 16 are the fp32 weight exactly; products and sums in fp32 (FMA
 where the CPU has it), summed in a different order from gemv.py's kernel.
@@ -32,14 +42,17 @@ from numba import types
 from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
-from .numba_util import njit_kernel
-from .tiles import bf16_to_f32
+from .numba_util import AVX512, njit_kernel
+from .tiles import bf16_to_f32, prefetch_ir
 
 __all__ = ["gemv_bf16_reg", "FOUR_ROW_COLS"]
 
 _STEP = 64  # columns per loop step: two 64-byte lines of bf16 per row
 _ACCS = 4  # accumulators of the one-row loop: one FMA chain each per step
 FOUR_ROW_COLS = 4096  # windows this wide or wider stream four rows side by side
+BF16_FOUR_ROW_COLS_AVX512 = 1024  # the same for bf16 on AVX-512 hosts (see the module docstring)
+_BF16_FOUR_ROW_COLS = BF16_FOUR_ROW_COLS_AVX512 if AVX512 else FOUR_ROW_COLS
+PF_ROW_BYTES = 1024  # prefetch distance of the one-row loop (see the module docstring)
 
 
 def _widen16(b, v):
@@ -91,6 +104,11 @@ def _bf16_rows(typingctx, w_flat, wi, S, x_N, steps, out_4):
         def step(b, i, accs):
             off = b.mul(i, ir.Constant(intp, _STEP))
             accs = list(accs)
+            if rows == 1:  # two 64-byte lines per step: one prefetch each
+                for line in range(2):
+                    ahead = ir.Constant(intp, PF_ROW_BYTES // 2 + 32 * line)  # in bf16 elements
+                    prefetch_ir(b, b.bitcast(b.gep(wdata, [b.add(b.add(row_base[0], off), ahead)]),
+                                             ir.IntType(8).as_pointer()), 0)
             for h in range(_STEP // 16):
                 c = ir.Constant(intp, 16 * h)
                 x = b.load(b.bitcast(b.gep(xdata, [b.add(off, c)]), v16f32.as_pointer()), align=4)
@@ -133,14 +151,15 @@ def gemv_bf16_reg(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
     steps = n // _STEP
     k0 = steps * _STEP
     r = r_lo
-    if n >= FOUR_ROW_COLS:
+    if n >= _BF16_FOUR_ROW_COLS:
         o_4 = np.empty(4, np.float32)
         while r + 4 <= r_hi:
             base = r * S + c0
             _bf16_rows(flat, base, S, x_n, steps, o_4)
             for j in range(4):
-                out_R[r + j] = o_4[j] + _tail(flat, base + j * S, x_n, k0, n)
+                out_R[r + j] = o_4[j] + (_tail(flat, base + j * S, x_n, k0, n) if k0 < n else np.float32(0.0))
             r += 4
     for r in range(r, r_hi):
         base = r * S + c0
-        out_R[r] = _bf16_rows(flat, base, S, x_n, steps, None) + _tail(flat, base, x_n, k0, n)
+        # The tail only when there is one: an empty call per row costs ~3% of a short-row expert.
+        out_R[r] = _bf16_rows(flat, base, S, x_n, steps, None) + (_tail(flat, base, x_n, k0, n) if k0 < n else np.float32(0.0))

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 import numba
 
 __all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "launches_concurrent", "max_threads",
-           "host_cpu_features", "AVX2", "AVX2_ONLY"]
+           "host_cpu_features", "host_cpu_name", "AVX2", "AVX2_ONLY", "AVX512", "REG_GEMV"]
 
 
 def host_cpu_features() -> dict:
@@ -54,13 +54,34 @@ def host_cpu_features() -> dict:
         return {}
 
 
+def host_cpu_name() -> str:
+    """LLVM's name of this host CPU ("znver4", "icelake-server", ...; "" when numba
+    compiles for another CPU or the name cannot be read)."""
+    try:
+        import llvmlite.binding as llvm
+        from numba.core import config
+        if config.CPU_NAME is not None:
+            return ""
+        return str(llvm.get_host_cpu_name())
+    except Exception:  # noqa: BLE001 - the generic paths are always correct
+        return ""
+
+
 _FEATURES = host_cpu_features()
-# Hosts with AVX2 and without AVX-512, where the T == 1 GEMVs measured faster with
-# register accumulators, one or four row streams per thread by row length (gemv_reg.py,
-# gemv_madd.py, int4_madd.py); AVX-512 hosts keep the fp32 four-row kernels measured
-# there (gemv.py).
 AVX2 = bool(_FEATURES.get("avx2"))
-AVX2_ONLY = AVX2 and not bool(_FEATURES.get("avx512f"))
+AVX512 = bool(_FEATURES.get("avx512f"))
+AVX2_ONLY = AVX2 and not AVX512
+# Where the T == 1 GEMVs take the register-accumulator kernels, one or four row streams
+# per thread by row length (gemv_reg.py, gemv_madd.py, int4_madd.py), instead of the fp32
+# four-row kernels (gemv.py). Measured, cold DeepSeek-V2-Lite / Mixtral experts, two
+# threads, same-process A/B of the whole decode:
+#   Zen 3, AVX2 only:     faster in every format (the modules' docstrings);
+#   Zen 4, AVX-512:       int8 1.70x / 0.97-1.00x, int4 1.59x / 1.37x, bf16 1.06x / 1.13-1.16x;
+#   Xeon, AVX-512:        the fp32 kernels were tuned there; the register kernels were
+#                         never measured on one, so other AVX-512 hosts keep them.
+# The choice is a compile-time constant of the kernels; numba's cache is keyed by the
+# host CPU, so a cache never carries one host's choice to another.
+REG_GEMV = AVX2 and (AVX2_ONLY or host_cpu_name().startswith("znver"))
 
 _launch_lock = threading.Lock()
 # None until the first launch has picked a layer; then True when launches must be serialised.

@@ -109,6 +109,7 @@ def test_host_features_are_empty_when_compiling_for_another_cpu():
     """Under NUMBA_CPU_NAME (code compiled for another CPU) no host feature is assumed, so
     the kernels take their generic paths (no AVX2-only choices)."""
     code = ("from moe.cpu_kernels import numba_util as U\n"
-            "assert U.host_cpu_features() == {} and not U.AVX2 and not U.AVX2_ONLY\n")
+            "assert U.host_cpu_features() == {} and U.host_cpu_name() == ''\n"
+            "assert not U.AVX2 and not U.AVX2_ONLY and not U.REG_GEMV\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
                    env=dict(os.environ, NUMBA_CPU_NAME="generic"))
