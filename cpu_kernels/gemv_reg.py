@@ -29,7 +29,9 @@ Software prefetch: the one-row loop prefetches (prefetchnta) both lines of each 
 PF_ROW_BYTES ahead. With the weights in huge pages, same-process A/B on cold
 DeepSeek-V2-Lite bf16 experts (whole decode, two threads, together with skipping the
 empty tail call per row): 1.07x for 1024 bytes ahead (twice), 1.04x for 512, 0.99x for
-2048. On 4 KiB pages a prefetch had measured alike or slower; the four-row loop has none.
+2048; on the Zen 4 VM 2-8 KiB ahead no better than 1 KiB. On 4 KiB pages a prefetch
+had measured alike or slower. The four-row loop has none: on Zen 4 one per line of
+each row measured 0.82x at 1 KiB ahead and 0.96x at 512 bytes.
 
 Numerics: bf16 bits << 16 are the fp32 weight exactly; products and sums in fp32 (FMA
 where the CPU has it), summed in a different order from gemv.py's kernel.

@@ -41,30 +41,26 @@ __all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "lau
            "host_cpu_features", "host_cpu_name", "AVX2", "AVX2_ONLY", "AVX512", "REG_GEMV"]
 
 
-def host_cpu_features() -> dict:
-    """LLVM's feature flags of this host ({} when numba compiles for another CPU, or
-    when they cannot be read: callers then take their generic paths)."""
+def _host_query(query, default):
+    """query(llvmlite.binding) for this host; default when numba compiles for another CPU
+    (no host assumptions) or the query fails: callers then take their generic paths."""
     try:
         import llvmlite.binding as llvm
         from numba.core import config
-        if config.CPU_NAME is not None:  # compiling for another CPU: no host assumptions
-            return {}
-        return dict(llvm.get_host_cpu_features())
+        return default if config.CPU_NAME is not None else query(llvm)
     except Exception:  # noqa: BLE001 - the generic paths are always correct
-        return {}
+        return default
+
+
+def host_cpu_features() -> dict:
+    """LLVM's feature flags of this host ({} when compiling for another CPU or unreadable)."""
+    return _host_query(lambda llvm: dict(llvm.get_host_cpu_features()), {})
 
 
 def host_cpu_name() -> str:
-    """LLVM's name of this host CPU ("znver4", "icelake-server", ...; "" when numba
-    compiles for another CPU or the name cannot be read)."""
-    try:
-        import llvmlite.binding as llvm
-        from numba.core import config
-        if config.CPU_NAME is not None:
-            return ""
-        return str(llvm.get_host_cpu_name())
-    except Exception:  # noqa: BLE001 - the generic paths are always correct
-        return ""
+    """LLVM's name of this host CPU ("znver4", "icelake-server", ...; "" when compiling for
+    another CPU or unreadable)."""
+    return _host_query(lambda llvm: str(llvm.get_host_cpu_name()), "")
 
 
 _FEATURES = host_cpu_features()
