@@ -30,9 +30,10 @@ no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase. int8 and in
 a second pair, ``decode_<fmt>_madd[_pool]``, which rounds the token and the hidden vector
 to 16-bit fixed point and multiplies by integer multiply-add (gemv_madd.py,
 int4_madd.py); expert_ffn uses them where numba_util.REG_GEMV holds (AVX2-only and
-Zen 4 cores), where the fp32 kernels are compute-bound below the DRAM rate. Every GEMV of a format goes through one call site per phase, because every distinct
-compiled copy of the GEMV loops costs seconds of compile time on first use (numba
-re-optimises callees per caller).
+Zen 4 cores), where the fp32 kernels are compute-bound below the DRAM rate. Every GEMV
+of a format goes through one call site per phase, because every distinct compiled copy
+of the GEMV loops costs seconds of compile time on first use (numba re-optimises callees
+per caller).
 
 Why addresses, and the thread cap inside: a decode step streams far more weight bytes
 than the last-level cache holds, so the Python and torch code between two expert calls

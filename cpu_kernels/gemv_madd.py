@@ -114,7 +114,8 @@ def _madd_rows(typingctx, w_flat, wi, S, x16_N, xi, steps, out_4):
             x0 = b.add(xbase, off)
             accs = list(accs)
             if rows == 1:
-                prefetch_ir(b, b.gep(wdata, [b.add(b.add(row_base[0], off), ir.Constant(intp, PF_ROW_BYTES))]), 0)
+                ahead = b.add(b.add(row_base[0], off), ir.Constant(intp, PF_ROW_BYTES))
+                prefetch_ir(b, b.gep(wdata, [ahead]), 0)
             for h in range(4):
                 c = ir.Constant(intp, 16 * h)
                 x = b.load(b.bitcast(b.gep(xdata, [b.add(x0, c)]), v16i16.as_pointer()), align=2)

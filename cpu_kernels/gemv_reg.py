@@ -164,4 +164,5 @@ def gemv_bf16_reg(x_N, w_RS, out_R, r_lo, r_hi, c0, n):
     for r in range(r, r_hi):
         base = r * S + c0
         # The tail only when there is one: an empty call per row costs ~3% of a short-row expert.
-        out_R[r] = _bf16_rows(flat, base, S, x_n, steps, None) + (_tail(flat, base, x_n, k0, n) if k0 < n else np.float32(0.0))
+        tail = _tail(flat, base, x_n, k0, n) if k0 < n else np.float32(0.0)
+        out_R[r] = _bf16_rows(flat, base, S, x_n, steps, None) + tail
