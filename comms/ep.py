@@ -10,6 +10,11 @@ of their own, serving other ranks' tokens, until every rank is draining. So rank
 not run the same number of batches or decode steps; they only need to call the MoE
 layers of one model in the same order, which the header checks (a mismatch raises on
 every rank instead of hanging).
+
+With replicas and balanced replica dispatch (the default), a round is preceded by one
+all_gather of per-rank counts (ExpertPlacement.dispatch_counts): from them every rank
+computes the same split of the replicated experts' remote activations over their copies
+(ExpertPlacement.balanced_quota). Draining ranks join these gathers too, with zeros.
 """
 from __future__ import annotations
 
@@ -36,13 +41,20 @@ _HEADER = 6  # count, layer, done, D, dtype code, K
 
 @dataclass(kw_only=True)
 class EPConfig:
-    """comm_dtype: dtype of hidden rows on the wire (None: the activations' dtype)."""
+    """comm_dtype: dtype of hidden rows on the wire (None: the activations' dtype).
+    replica_dispatch: "balanced" (split replicated experts' remote activations over their
+    copies from counts shared by every rank: one small all_gather per round, only where
+    the placement has replicas) or "hash" (a hash of the token index, no extra collective).
+    """
 
     comm_dtype: torch.dtype | None = None
+    replica_dispatch: str = "balanced"
 
     def __post_init__(self) -> None:
         if self.comm_dtype is not None and self.comm_dtype not in _DTYPES:
             raise ValueError(f"comm_dtype must be one of {_DTYPES} or None, got {self.comm_dtype}")
+        if self.replica_dispatch not in ("balanced", "hash"):
+            raise ValueError(f"replica_dispatch must be 'balanced' or 'hash', got {self.replica_dispatch!r}")
 
 
 @dataclass
@@ -89,12 +101,13 @@ class ExpertParallel:
             if dist.get_backend(group) == "nccl" else torch.device("cpu")
         self.stats = EPStats()
         self._drained = False
+        self._balanced = self.config.replica_dispatch == "balanced" and placement.has_replicas
 
     def __call__(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor, token_index_T: torch.Tensor | None = None) -> torch.Tensor:
         """y_TD = sum_k w_tk * expert_{layer, id_tk}(x_t), experts wherever they live.
 
-        token_index_T: stable per-token index used to spread tokens over replicas.
+        token_index_T: stable per-token index used to spread tokens over replicas (hash dispatch).
         """
         if self._drained:
             raise RuntimeError("this rank already called drain(); it can join no more MoE rounds")
@@ -107,7 +120,14 @@ class ExpertParallel:
         if wire not in _DTYPES:
             raise ValueError(f"activations in {wire} cannot go on the wire; use one of {_DTYPES} "
                              "(EPConfig.comm_dtype)")
-        dest_TK = self.placement.dest_ranks(layer, topk_ids_TK, self.rank, token_index_T)
+        if self._balanced:
+            fixed_R, remote_E = self.placement.dispatch_counts(layer, topk_ids_TK, self.rank)
+            counts_S = self._share_counts(layer, fixed_R, remote_E, done=False)
+            quota_SER = self.placement.balanced_quota(layer, counts_S[:, 2:2 + self.world_size],
+                                                      counts_S[:, 2 + self.world_size:])
+            dest_TK = self.placement.assign_with_quota(layer, topk_ids_TK, self.rank, quota_SER[self.rank])
+        else:
+            dest_TK = self.placement.dest_ranks(layer, topk_ids_TK, self.rank, token_index_T)
         plan = plan_dispatch(topk_ids_TK, topk_weights_TK, dest_TK, self.world_size)
         x_SD = x_TD.to(self.device)[plan.token_S.to(self.device)].to(wire)
         self._count(plan, dest_TK, x_SD)
@@ -122,9 +142,23 @@ class ExpertParallel:
             return
         zero = [0] * self.world_size
         empty_K = torch.empty((0, 0), dtype=torch.int64)
-        while self._round(-1, zero, None, empty_K, empty_K.float(), done=True) is not None:
-            pass
+        none_R = torch.zeros(self.world_size, dtype=torch.int64)
+        none_E = torch.zeros(self.placement.num_experts, dtype=torch.int64)
+        while True:
+            if self._balanced and bool(self._share_counts(-1, none_R, none_E, done=True)[:, 1].all()):
+                break  # every rank is draining: nobody will start a round
+            if self._round(-1, zero, None, empty_K, empty_K.float(), done=True) is None:
+                break
         self._drained = True
+
+    def _share_counts(self, layer: int, fixed_R: torch.Tensor, remote_E: torch.Tensor, done: bool) -> torch.Tensor:
+        """all_gather of [layer, done, fixed_R..., remote_E...] from every rank -> int64 [R, 2+R+E].
+
+        Active ranks then run the round; the layer check stays in the round's header."""
+        row = torch.cat([torch.tensor([layer, int(done)]), fixed_R.long(), remote_E.long()]).to(self.device)
+        rows = [torch.empty_like(row) for _ in range(self.world_size)]
+        dist.all_gather(rows, row, group=self.group)
+        return torch.stack(rows).cpu()
 
     # --- one collective round -----------------------------------------------------------
     def _round(self, layer: int, send_counts: list[int], x_SD: torch.Tensor | None,

@@ -22,6 +22,9 @@ Model (stated so the numbers can be checked):
   counts what a dispatch without per-rank deduplication would move (one row per remote
   activation, both directions).
 - Local activation rate (LAR): share of the T*L*K activations served on `loc`.
+- Replicas: an activation with no local copy goes to the copy the balanced split gives
+  it (ExpertPlacement.balanced_quota, computed per round of `batch_tokens` tokens from
+  counts every rank shares), or with `replica_dispatch="hash"` to a hashed copy.
 - Load imbalance: per layer, max over ranks of activations served / mean; reported as
   the mean over layers and the worst layer.
 - Perfect speculation ("oracle"): before every layer l >= 1 the token already lives on
@@ -39,21 +42,33 @@ from moe.comms.shuffle import DecodeView, TransitionShuffler
 __all__ = ["ReplayConfig", "ReplayResult", "replay", "home_ranks"]
 
 HOMES = ("token", "sequence")
+REPLICA_DISPATCH = ("balanced", "hash")
 
 
 @dataclass(kw_only=True)
 class ReplayConfig:
-    """hidden_size: D; bytes_per_element: 2 for bf16 rows; home: see module doc."""
+    """hidden_size: D; bytes_per_element: 2 for bf16 rows; home: see module doc.
+    replica_dispatch: how activations with no local copy pick among an expert's replicas:
+    "balanced" (ExpertPlacement.balanced_quota, what the EP executor does by default) or
+    "hash" (a hash of the token index, no shared counts).
+    batch_tokens: tokens per MoE round for the balanced split, which sees one round's
+    counts at a time (0: the whole trace is one round)."""
 
     hidden_size: int = 4096
     bytes_per_element: int = 2
     home: str = "token"
+    replica_dispatch: str = "balanced"
+    batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.hidden_size < 1 or self.bytes_per_element < 1:
             raise ValueError("hidden_size and bytes_per_element must be >= 1")
         if self.home not in HOMES:
             raise ValueError(f"home must be one of {HOMES}, got {self.home!r}")
+        if self.replica_dispatch not in REPLICA_DISPATCH:
+            raise ValueError(f"replica_dispatch must be one of {REPLICA_DISPATCH}, got {self.replica_dispatch!r}")
+        if self.batch_tokens < 0:
+            raise ValueError(f"batch_tokens must be >= 0 (0: one round), got {self.batch_tokens}")
 
 
 @dataclass
@@ -107,8 +122,14 @@ def replay(expert_ids_TLK: torch.Tensor, seq_starts: torch.Tensor, placement: Ex
     remote_activations = 0
     imb_L = torch.zeros(L, dtype=torch.float64)
     hits = guesses = 0
+    balanced = config.replica_dispatch == "balanced" and placement.has_replicas
     for l in range(L):
-        dest_TK = placement.dest_ranks(l, ids_TLK[:, l], loc_T, token_T)
+        if balanced:
+            B = config.batch_tokens or max(T, 1)
+            dest_TK = torch.cat([placement.balanced_dest_ranks(l, ids_TLK[a:a + B, l], loc_T[a:a + B])
+                                 for a in range(0, T, B)]) if T else ids_TLK[:, l].clone()
+        else:
+            dest_TK = placement.dest_ranks(l, ids_TLK[:, l], loc_T, token_T)
         served_TR = torch.zeros(T, R, dtype=torch.bool).scatter_(1, dest_TK, True)
         at_loc_T = served_TR[token_T, loc_T]
         dispatch += int(served_TR.sum()) - int(at_loc_T.sum())

@@ -28,7 +28,8 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10),
 class CheckCase:
     """One configuration: L layers, E experts, top-K, hidden D, expert hidden F,
     up to `max_tokens` tokens per step, `steps` steps on rank 0 (rank r runs fewer),
-    `replicas` extra expert slots per rank, activations in `dtype`."""
+    `replicas` extra expert slots per rank, activations in `dtype`, replicas chosen by
+    `replica_dispatch` (EPConfig)."""
 
     layers: int = 2
     experts: int = 8
@@ -39,6 +40,7 @@ class CheckCase:
     steps: int = 3
     replicas: int = 0
     dtype: torch.dtype = torch.float32
+    replica_dispatch: str = "balanced"
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.experts:
@@ -80,7 +82,8 @@ def check_rank(rank: int, world_size: int, cases: tuple[CheckCase, ...], group=N
         if case.replicas:
             load_LE = torch.arange(case.experts, 0, -1).double().expand(case.layers, -1)
             placement = placement.with_replicas(load_LE, case.replicas)
-        ep = ExpertParallel(placement=placement, expert_fn=experts, group=group, config=EPConfig())
+        ep = ExpertParallel(placement=placement, expert_fn=experts, group=group,
+                            config=EPConfig(replica_dispatch=case.replica_dispatch))
         g = torch.Generator().manual_seed(1000 + rank)
         steps = max(1, case.steps - rank)  # uneven work: later ranks drain early
         for step in range(steps):

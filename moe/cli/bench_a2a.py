@@ -42,8 +42,19 @@ def register(sub) -> None:
                         "cross-validation finds it helps")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="extra expert slots per rank of the separate replicas row; 0 drops the row (default: 1)")
+    p.add_argument("--replica-layers", type=int, default=None, metavar="K",
+                   help="give the replica slots only to the K layers most imbalanced on the profile "
+                        "(default: every layer)")
+    p.add_argument("--replica-dispatch", choices=["balanced", "hash"], default="balanced",
+                   help="how a token with no local copy picks among replicas: split from counts every rank "
+                        "shares (one small all_gather per layer), or a hash of the token index (default: balanced)")
+    p.add_argument("--batch-tokens", type=int, default=0, metavar="B",
+                   help="tokens per MoE round seen by the balanced replica split (default: 0, the whole trace "
+                        "is one round)")
     p.add_argument("--save-placement", metavar="FILE.json", default=None,
                    help="write the fitted placement (for `moe launch --placement`)")
+    p.add_argument("--save-replicated", metavar="FILE.json", default=None,
+                   help="write the placement of the replicas row (for `moe launch --placement`)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=run)
 
@@ -68,13 +79,17 @@ def run(args) -> int:
 
     config = A2ABenchConfig(
         ranks=args.ranks,
-        replay=ReplayConfig(hidden_size=args.hidden_size, home=args.home),
+        replay=ReplayConfig(hidden_size=args.hidden_size, home=args.home, replica_dispatch=args.replica_dispatch,
+                            batch_tokens=args.batch_tokens),
         grouping=GroupingConfig(load_cap=args.load_cap, load_folds=args.load_folds),
         shuffle=ShuffleConfig() if args.history == "auto" else ShuffleConfig(history=args.history),
         histories=A2ABenchConfig.histories if args.history == "auto" else (),
         decode=args.decode,
         replicas=args.replicas,
+        replica_layers=args.replica_layers,
     )
+    if args.save_replicated and not args.replicas:
+        raise ValueError("--save-replicated needs --replicas >= 1 (there is no replicas row to save)")
     # Thousands of small tensor ops: a thread pool only adds wake-ups, and on a busy box
     # its spinning threads stretch a few seconds of work to a minute.
     threads = torch.get_num_threads()
@@ -85,6 +100,8 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     if args.save_placement:
         ExpertPlacement.from_json(res["placement"]).save(args.save_placement)
+    if args.save_replicated:
+        ExpertPlacement.from_json(res["replicated_placement"]).save(args.save_replicated)
     if not args.json:
         print(format_report(res))
     line = dict(res["summary"], ranks=res["ranks"], tokens=res["tokens"], hidden_size=res["hidden_size"],

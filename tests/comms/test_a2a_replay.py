@@ -157,12 +157,19 @@ def test_bench_a2a_cli_prints_json_last(tmp_path, capsys):
                    tmp_path / f"{name}.safetensors")
     code = _bench(["--profile", str(tmp_path / "p.safetensors"), "--trace",
                  str(tmp_path / "t.safetensors"), "--ranks", "4", "--hidden-size", "64",
-                 "--save-placement", str(tmp_path / "pl.json")])
+                 "--save-placement", str(tmp_path / "pl.json"), "--replica-layers", "2",
+                 "--save-replicated", str(tmp_path / "rep.json")])
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
     assert code == 0 and {"baseline_bytes", "bytes", "lar_baseline", "lar", "imbalance"} <= set(res)
     assert res["bytes"] < res["baseline_bytes"]
     assert ExpertPlacement.load(tmp_path / "pl.json").world_size == 4
+    rep = ExpertPlacement.load(tmp_path / "rep.json")
+    assert res["replicas_extra_memory"] == 0.25 and int(rep.holds_LER.sum()) == 4 * 8 + 2 * 4
+    assert res["replica_dispatch"] == "balanced"
+    with pytest.raises(ValueError, match="--save-replicated needs --replicas"):
+        _bench(["--profile", str(tmp_path / "p.safetensors"), "--trace", str(tmp_path / "t.safetensors"),
+                "--replicas", "0", "--save-replicated", str(tmp_path / "x.json")])
 
 
 def test_bench_a2a_rejects_mismatched_traces(tmp_path):

@@ -1,6 +1,8 @@
 """Temporal shuffle feature, in-profile selection of the shuffle, fold-robust load caps, replicas row."""
 import itertools
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -133,6 +135,12 @@ def test_configs_reject_bad_values():
         A2ABenchConfig(histories=(2, 0))
     with pytest.raises(ValueError, match="replicas"):
         A2ABenchConfig(replicas=-1)
+    with pytest.raises(ValueError, match="replica_layers"):
+        A2ABenchConfig(replica_layers=-1)
+    with pytest.raises(ValueError, match="replica_dispatch"):
+        ReplayConfig(replica_dispatch="random")
+    with pytest.raises(ValueError, match="batch_tokens"):
+        ReplayConfig(batch_tokens=-2)
     with pytest.raises(ValueError, match="kernel_temperature"):
         ShuffleConfig(kernel_temperature=-1.0)
     with pytest.raises(ValueError, match="kernel_decay"):
@@ -225,8 +233,13 @@ def test_replicas_row_is_apart_from_the_headline():
     assert res["summary"]["replicas_reduction"] == res["rows"]["replicas"]["reduction"]
     assert res["summary"]["imbalance_balanced"] == res["rows"]["balanced"]["imbalance"]
     assert res["summary"]["imbalance_random"] == random_layout_imbalance(trace(1).expert_ids, 8, 4)
+    assert res["summary"]["replicas_extra_memory"] == 0.5  # 4 extra slots on 8 experts in all 3 layers
     quick = A2ABenchConfig(ranks=4, replicas=0, histories=(1,), kernel_temperatures=(), grouping=small)
     assert "replicas" not in run_a2a_bench(trace(0), trace(1), quick)["rows"]
+    one = run_a2a_bench(trace(0), trace(1), replace(quick, replicas=1, replica_layers=1))
+    assert one["summary"]["replicas_extra_memory"] == pytest.approx(1 / 6)
+    held = ExpertPlacement.from_json(one["replicated_placement"]).holds_LER.sum((1, 2))
+    assert sorted(held.tolist()) == [8, 8, 12]
 
 
 def test_imbalance_spread_is_bootstrap_noise():
@@ -277,3 +290,18 @@ def test_exact_search_reaches_at_least_the_swap_objective():
         cfg = GroupingConfig(load_cap=1.5, restarts=0, exact_layouts=exact)
         score[exact] = grouping_score(fit_grouped_placement(ids, 8, 4, cfg).holds_LER.long().argmax(2), st, cfg)
     assert score[20_000] >= score[0] - 1e-9
+
+
+def test_replay_balanced_rounds():
+    """The balanced split per round of B tokens: B >= T is the one-round replay, local
+    copies serve at every round size, and one round leaves no more imbalance than the hash."""
+    ids = _random_ids(48, 3, 8, 2, seed=3).long()
+    starts = torch.tensor([0, 48])
+    pl = ExpertPlacement.contiguous(3, 8, 4).with_replicas(affinity_stats(ids, 8).load_LE, 1)
+    one = replay(ids, starts, pl, None, ReplayConfig(hidden_size=8))
+    assert replay(ids, starts, pl, None, ReplayConfig(hidden_size=8, batch_tokens=48)) == one
+    hashed = replay(ids, starts, pl, None, ReplayConfig(hidden_size=8, replica_dispatch="hash"))
+    for B in (1, 7, 16):
+        r = replay(ids, starts, pl, None, ReplayConfig(hidden_size=8, batch_tokens=B))
+        assert r.lar == one.lar  # local copies serve either way
+    assert one.imbalance <= hashed.imbalance
