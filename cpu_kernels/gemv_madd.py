@@ -46,7 +46,7 @@ from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
 from .gemv_reg import FOUR_ROW_COLS
-from .numba_util import AVX2, REG_GEMV, njit_kernel
+from .numba_util import AVX2, AVX512, REG_GEMV, njit_kernel
 from .tiles import prefetch_ir
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
@@ -55,8 +55,8 @@ BLOCK = 2048  # columns summed in int32 before a flush: 2048 * 128 * 32767 < 2^3
 _STEP = 64  # columns per loop step of _madd_rows: one 64-byte line of int8 weights per row
 PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 KiB measured alike)
 # Prefetch distance of the one-row int8 loop (see gemv_int8_madd): 768-1024 measured
-# best, 512 and 1536 in between, 2048 no better than none.
-PF_ROW_BYTES = 1024
+# best, 512 and 1536 in between, 2048 no better than none; none on AVX-512 hosts.
+PF_ROW_BYTES = 0 if AVX512 else 1024
 
 # The decode path's choice (decode.py): measured faster on AVX2-only Zen 3 and on
 # AVX-512 Zen 4 cores (numba_util.REG_GEMV); other AVX-512 cores keep their fp32 path.
@@ -113,7 +113,7 @@ def _madd_rows(typingctx, w_flat, wi, S, x16_N, xi, steps, out_4):
             off = b.mul(i, ir.Constant(intp, 64))
             x0 = b.add(xbase, off)
             accs = list(accs)
-            if rows == 1:
+            if rows == 1 and PF_ROW_BYTES:
                 ahead = b.add(b.add(row_base[0], off), ir.Constant(intp, PF_ROW_BYTES))
                 prefetch_ir(b, b.gep(wdata, [ahead]), 0)
             for h in range(4):
@@ -198,7 +198,9 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
     1024 bytes ahead, 1.06x for 768, 1.03-1.04x for 512 and 1536, 0.97x for 2048;
     with the empty tail call per row skipped as well, 1.07x and 1.11x over the kernel
     without either. Earlier, on 4 KiB pages, 1 KiB ahead had measured alike and 4 KiB
-    ahead 4-14% slower. The four-row loop has none.
+    ahead 4-14% slower. The four-row loop has none. On AVX-512 hosts (Zen 4 VM) the
+    prefetch held the loop back: without it, 1.17x with one thread (0.91 of a one-thread
+    read probe) and 1.02x with two, so there it is left out (as in gemv_reg.py).
     """
     S = q_RS.shape[1]
     flat = q_RS.ravel()

@@ -18,20 +18,26 @@ Zen 3 VM (AVX2 only), cold bf16 matrices, two threads, same-process A/B:
   (four streams per thread, each sharing the loads of x): 0.98 and 1.05 of the probe,
   against 0.82 one row at a time, and 0.99 and 0.82 for gemv.py's kernel.
 Windows of at least FOUR_ROW_COLS columns take the four-row loop; the int8 multiply-add
-GEMV measured the same split (gemv_madd.py). On the 2-core Zen 4 VM (AVX-512, where
-numba_util.REG_GEMV also picks this kernel) short bf16 rows measured the other way: four
-side by side 1.14x one after another (DeepSeek-V2-Lite, same-process A/B, median of 400
-paired rounds, interquartile 1.10-1.17x), while the int8 multiply-add loop kept its
-split there (four rows 0.62x). So on AVX-512 hosts bf16 windows of at least
-BF16_FOUR_ROW_COLS_AVX512 columns take the four-row loop.
+GEMV measured the same split (gemv_madd.py).
 
-Software prefetch: the one-row loop prefetches (prefetchnta) both lines of each step
-PF_ROW_BYTES ahead. With the weights in huge pages, same-process A/B on cold
-DeepSeek-V2-Lite bf16 experts (whole decode, two threads, together with skipping the
-empty tail call per row): 1.07x for 1024 bytes ahead (twice), 1.04x for 512, 0.99x for
-2048; on the Zen 4 VM 2-8 KiB ahead no better than 1 KiB. On 4 KiB pages a prefetch
-had measured alike or slower. The four-row loop has none: on Zen 4 one per line of
-each row measured 0.82x at 1 KiB ahead and 0.96x at 512 bytes.
+Software prefetch: on AVX2 hosts the one-row loop prefetches (prefetchnta) both lines
+of each step PF_ROW_BYTES ahead. With the weights in huge pages, same-process A/B on
+cold DeepSeek-V2-Lite bf16 experts (Zen 3, whole decode, two threads, together with
+skipping the empty tail call per row): 1.07x for 1024 bytes ahead (twice), 1.04x for
+512, 0.99x for 2048. On 4 KiB pages a prefetch had measured alike or slower.
+
+AVX-512 hosts (the 2-core Zen 4 VM, where numba_util.REG_GEMV also picks this kernel)
+measured otherwise: the prefetch is what held the one-row loop back there. Without it
+one thread streams DeepSeek-V2-Lite bf16 experts at 0.97 of a one-thread read probe
+(1.79x the four-row loop that was the choice then), and two threads 1.22x it (0.97 of
+the two-thread probe); over a 256 MB matrix two threads of the one-row loop read 55.5
+GB/s against 37.9 with the prefetch and 36.4 for four rows, the probe reading 56.6.
+Four rows side by side still win where the token window outgrows L1 (Mixtral's w2,
+14336 fp32 columns = 56 KiB, re-read from L2 once per row by a one-row loop): one row
+for windows up to 4096 columns and four above measured 1.05x (two threads) and 1.21x
+(one) over four rows for both of Mixtral's matrices, and one row for both 0.92x. So on
+AVX-512 hosts there is no prefetch and bf16 windows of at least
+BF16_FOUR_ROW_COLS_AVX512 columns take the four-row loop.
 
 Numerics: bf16 bits << 16 are the fp32 weight exactly; products and sums in fp32 (FMA
 where the CPU has it), summed in a different order from gemv.py's kernel.
@@ -52,9 +58,10 @@ __all__ = ["gemv_bf16_reg", "FOUR_ROW_COLS"]
 _STEP = 64  # columns per loop step: two 64-byte lines of bf16 per row
 _ACCS = 4  # accumulators of the one-row loop: one FMA chain each per step
 FOUR_ROW_COLS = 4096  # windows this wide or wider stream four rows side by side
-BF16_FOUR_ROW_COLS_AVX512 = 1024  # the same for bf16 on AVX-512 hosts (see the module docstring)
+BF16_FOUR_ROW_COLS_AVX512 = 8192  # the same for bf16 on AVX-512 hosts (see the module docstring)
 _BF16_FOUR_ROW_COLS = BF16_FOUR_ROW_COLS_AVX512 if AVX512 else FOUR_ROW_COLS
-PF_ROW_BYTES = 1024  # prefetch distance of the one-row loop (see the module docstring)
+# Prefetch distance of the one-row loop, 0 for none (see the module docstring).
+PF_ROW_BYTES = 0 if AVX512 else 1024
 
 
 def _widen16(b, v):
@@ -106,7 +113,7 @@ def _bf16_rows(typingctx, w_flat, wi, S, x_N, steps, out_4):
         def step(b, i, accs):
             off = b.mul(i, ir.Constant(intp, _STEP))
             accs = list(accs)
-            if rows == 1:  # two 64-byte lines per step: one prefetch each
+            if rows == 1 and PF_ROW_BYTES:  # two 64-byte lines per step: one prefetch each
                 for line in range(2):
                     ahead = ir.Constant(intp, PF_ROW_BYTES // 2 + 32 * line)  # in bf16 elements
                     prefetch_ir(b, b.bitcast(b.gep(wdata, [b.add(b.add(row_base[0], off), ahead)]),

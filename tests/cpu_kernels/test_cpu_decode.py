@@ -293,7 +293,8 @@ def test_gemv_int8_madd_rows(R, S):
 
 
 @pytest.mark.parametrize("R,S,c0,n", [(5, 100, 0, 100), (7, 300, 37, 200), (3, 63, 0, 63), (6, 1408, 704, 704),
-                                      (9, 4200, 3, FOUR_ROW_COLS + 5), (4, 8192, 0, 8192)])
+                                      (9, 4200, 3, FOUR_ROW_COLS + 5), (4, 8192, 0, 8192),
+                                      (5, 8300, 5, 8200)])
 def test_gemv_bf16_reg_windows(R, S, c0, n):
     """gemv_bf16_reg (register accumulators; one row or, for long rows, four side by side)
     gives widen(W[:, c0:c0+n]) x for column windows, tails and a leftover row."""
