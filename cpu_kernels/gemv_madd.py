@@ -46,7 +46,7 @@ from numba.core.extending import intrinsic
 
 from .ir_loop import counted_loop
 from .gemv_reg import FOUR_ROW_COLS
-from .numba_util import AVX2, AVX512, REG_GEMV, njit_kernel
+from .numba_util import AVX2, AVX512, AVX512BW, REG_GEMV, njit_kernel
 from .tiles import prefetch_ir
 
 __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
@@ -57,6 +57,9 @@ PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 K
 # Prefetch distance of the one-row int8 loop (see gemv_int8_madd): 768-1024 measured
 # best, 512 and 1536 in between, 2048 no better than none; none on AVX-512 hosts.
 PF_ROW_BYTES = 0 if AVX512 else 1024
+# Rows this wide or wider stream four side by side (see gemv_int8_madd): on AVX-512 hosts,
+# without the prefetch, one row at a time wins up to Mixtral's 4096 columns.
+_FOUR_ROW_COLS = 8192 if AVX512 else FOUR_ROW_COLS
 
 # The decode path's choice (decode.py): measured faster on AVX2-only Zen 3 and on
 # AVX-512 Zen 4 cores (numba_util.REG_GEMV); other AVX-512 cores keep their fp32 path.
@@ -64,17 +67,20 @@ MADD_DECODE = REG_GEMV
 
 
 def pair_sums(builder: ir.IRBuilder, t: ir.Value, x: ir.Value) -> ir.Value:
-    """IR for int32 [8] lanes i = t[2i] * x[2i] + t[2i+1] * x[2i+1] of two int16 [16]
-    vectors: one vpmaddwd on AVX2, the same sums as generic vector IR elsewhere."""
+    """IR for int32 [n/2] lanes i = t[2i] * x[2i] + t[2i+1] * x[2i+1] of two int16 [n]
+    vectors (n = 16 or 32): one vpmaddwd on AVX2 (n = 16) and AVX-512BW (n = 32), the
+    same sums as generic vector IR elsewhere."""
+    n = t.type.count
     i16, i32 = ir.IntType(16), ir.IntType(32)
-    v16i16, v8i32, v16i32 = ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(i32, 16)
-    if AVX2:
-        fnty = ir.FunctionType(v8i32, [v16i16, v16i16])
-        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd"), [t, x])
-    prod = builder.mul(builder.sext(t, v16i32), builder.sext(x, v16i32))
-    undef = ir.Constant(v16i32, ir.Undefined)
-    even = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(0, 16, 2))))
-    odd = builder.shuffle_vector(prod, undef, ir.Constant(v8i32, list(range(1, 16, 2))))
+    vin, vout, vwide = ir.VectorType(i16, n), ir.VectorType(i32, n // 2), ir.VectorType(i32, n)
+    name = {16: "llvm.x86.avx2.pmadd.wd", 32: "llvm.x86.avx512.pmaddw.d.512"}.get(n)
+    if (n == 16 and AVX2) or (n == 32 and AVX512BW):
+        fnty = ir.FunctionType(vout, [vin, vin])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [t, x])
+    prod = builder.mul(builder.sext(t, vwide), builder.sext(x, vwide))
+    undef = ir.Constant(vwide, ir.Undefined)
+    even = builder.shuffle_vector(prod, undef, ir.Constant(vout, list(range(0, n, 2))))
+    odd = builder.shuffle_vector(prod, undef, ir.Constant(vout, list(range(1, n, 2))))
     return builder.add(even, odd)
 
 
@@ -188,7 +194,10 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
       0.78-0.86 of the read probe, against 0.50-0.67 four rows side by side;
     - long rows (Mixtral: 4096 and 14336 columns) four side by side: 0.77 and 0.82 of
       the probe, against 0.71 and 0.61 one row at a time.
-    Rows of at least FOUR_ROW_COLS columns take the four-row loop.
+    Rows of at least FOUR_ROW_COLS columns take the four-row loop; on AVX-512 hosts
+    (no prefetch, below) at least 8192: Mixtral int8 with its 4096-column w13 one row at
+    a time measured 1.31x (one thread) and 1.08x (two) over four rows, both matrices
+    one row at a time 0.96x (two threads).
 
     Software prefetch, one-row loop: one prefetchnta per 64-byte step, PF_ROW_BYTES
     ahead. The loop decodes each line with ~18 instructions, so the out-of-order window
@@ -205,7 +214,7 @@ def gemv_int8_madd(x16_N, xs, q_RS, scale_R, out_R, r_lo, r_hi):
     S = q_RS.shape[1]
     flat = q_RS.ravel()
     r = r_lo
-    if S >= FOUR_ROW_COLS:
+    if S >= _FOUR_ROW_COLS:
         o_4 = np.empty(4, np.int64)
         tot_4 = np.empty(4, np.float64)
         while r + 4 <= r_hi:
