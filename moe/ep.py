@@ -187,6 +187,8 @@ def _parse_worker(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--group-timeout", type=float, default=300.0, help="collective timeout in seconds")
     p.add_argument("--comm-dtype", choices=sorted(_COMM_DTYPES), default=None,
                    help="dtype of hidden rows on the wire (default: the activations')")
+    p.add_argument("--replica-dispatch", choices=["balanced", "hash"], default="balanced",
+                   help="how tokens pick among an expert's replicas (EPConfig.replica_dispatch)")
     p.add_argument("--self-check", type=int, default=0, metavar="STEPS",
                    help="instead of a command, check EP against the reference for STEPS steps")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- moe command; {rank} is replaced")
@@ -236,7 +238,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         placement = ExpertPlacement.load(args.placement) if args.placement else None
         comm = _COMM_DTYPES[args.comm_dtype] if args.comm_dtype else None
         ctx = _WorkerContext(group=group, placement=placement, placement_path=args.placement,
-                             config=EPConfig(comm_dtype=comm))
+                             config=EPConfig(comm_dtype=comm, replica_dispatch=args.replica_dispatch))
         _install_generate_hook(ctx)
         code = _run_command([a.replace("{rank}", str(rank)) for a in args.command])
         if code != 0:

@@ -80,7 +80,8 @@ def _merge_outputs(records, world: int, folder: str, output: str | None) -> tupl
 
 
 def launch_job(config, command: list[str], *, placement: str | None = None, group_timeout_s: float = 300.0,
-               comm_dtype: str | None = None, self_check_steps: int = 0, log=print) -> int:
+               comm_dtype: str | None = None, replica_dispatch: str = "balanced", self_check_steps: int = 0,
+               log=print) -> int:
     """`moe launch`: run `moe COMMAND` on every rank through torchrun, expert-parallel.
 
     For `generate`, the input is validated here, dealt round-robin over the ranks, and the
@@ -97,8 +98,11 @@ def launch_job(config, command: list[str], *, placement: str | None = None, grou
 
     if comm_dtype is not None and comm_dtype not in _COMM_DTYPES:
         raise ValueError(f"comm dtype must be one of {', '.join(sorted(_COMM_DTYPES))}, got {comm_dtype!r}")
+    if replica_dispatch not in ("balanced", "hash"):
+        raise ValueError(f"replica dispatch must be 'balanced' or 'hash', got {replica_dispatch!r}")
     base = ["--group-timeout", str(group_timeout_s)] + (["--placement", placement] if placement else []) \
-        + (["--comm-dtype", comm_dtype] if comm_dtype else [])
+        + (["--comm-dtype", comm_dtype] if comm_dtype else []) \
+        + (["--replica-dispatch", replica_dispatch] if replica_dispatch != "balanced" else [])
     if self_check_steps:
         return _finish(run_torchrun(config, "moe.ep", base + ["--self-check", str(self_check_steps)]),
                        config, TIMEOUT_EXIT, "")

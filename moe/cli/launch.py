@@ -39,6 +39,10 @@ def register(sub) -> None:
     p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of hidden rows sent between ranks, e.g. bfloat16 to halve the bytes of a "
                         "float32 model (default: the activations' dtype)")
+    p.add_argument("--replica-dispatch", choices=["balanced", "hash"], default="balanced",
+                   help="with a placement holding replicas: split each replicated expert's remote tokens over "
+                        "its copies from counts every rank shares (one small all_gather per layer), or by a "
+                        "hash of the token index (no extra collective) (default: balanced)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="wall-clock limit of the whole job")
     p.add_argument("--self-check", type=int, default=0, metavar="STEPS",
                    help="check expert parallelism against the single-process reference for STEPS steps")
@@ -63,7 +67,7 @@ def run(args) -> int:
                           rdzv_id=args.rdzv_id, timeout_s=args.timeout, extra=tuple(args.torchrun_arg))
     try:
         return launch_job(config, command, placement=args.placement, group_timeout_s=args.group_timeout,
-                          comm_dtype=args.comm_dtype,
+                          comm_dtype=args.comm_dtype, replica_dispatch=args.replica_dispatch,
                           self_check_steps=args.self_check,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except RuntimeError as exc:

@@ -136,6 +136,19 @@ def test_launch_refuses_bad_requests_before_starting(tmp_path):
                             "--output", str(tmp_path / "out.jsonl")])
     with pytest.raises(ValueError, match="cannot launch itself"):
         _launch_in_process(["--", "launch"])
+    from moe.comms.launch import LaunchConfig
+    from moe.ep_launch import launch_job
+
+    with pytest.raises(ValueError, match="replica dispatch must be"):
+        launch_job(LaunchConfig(nproc_per_node=2), ["generate"], replica_dispatch="random")
+
+
+def test_worker_passes_the_replica_dispatch_on():
+    """`moe launch --replica-dispatch hash` reaches each rank's EPConfig through the worker's arguments."""
+    from moe.ep import _parse_worker
+
+    assert _parse_worker(["--replica-dispatch", "hash", "--", "generate"]).replica_dispatch == "hash"
+    assert _parse_worker(["--", "generate"]).replica_dispatch == "balanced"
 
 
 def test_enable_needs_a_wrapped_model():
