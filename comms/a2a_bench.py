@@ -16,6 +16,8 @@ trace (see comms.replay for the exact model) and compares, side by side:
   replicas   grouping + shuffling with `replicas` extra expert slots per rank filled
              EPLB-style from the profile's loads: it costs expert memory the baseline does
              not spend, so it is shown apart and never the headline
+  rep_only   the contiguous layout with the same replica slots, tokens stay home: what the
+             replicas alone do, to tell their share from that of grouping and shuffling
 
 and, for comparison with accounts that treat the move as free (combine = dispatch
 rows), the same table under that accounting.
@@ -256,10 +258,11 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
         "hindsight": (grouped, _Hindsight(grouped, ids_TLK, shuffle_cfg.history)),
     }
     if config.replicas:
-        replicated = grouped.with_replicas(affinity_stats(prof_ids, E).load_LE, config.replicas,
-                                           layers=min(config.replica_layers, L) if config.replica_layers is not None
-                                           else None)
+        load_LE = affinity_stats(prof_ids, E).load_LE
+        rep_layers = min(config.replica_layers, L) if config.replica_layers is not None else None
+        replicated = grouped.with_replicas(load_LE, config.replicas, layers=rep_layers)
         runs["replicas"] = (replicated, TransitionShuffler(replicated, prof_ids, shuffle_cfg, prof_starts))
+        runs["rep_only"] = (contiguous.with_replicas(load_LE, config.replicas, layers=rep_layers), None)
     rows = {name: replay(ids_TLK, starts, pl, sh, config.replay).as_dict() for name, (pl, sh) in runs.items()}
     base_bytes = rows["baseline"]["bytes"]
     for r in rows.values():
@@ -296,6 +299,8 @@ def run_a2a_bench(profile, trace, config: A2ABenchConfig) -> dict:
             else None,
             "replicas_reduction": rows["replicas"]["reduction"] if "replicas" in rows else None,
             "replicas_imbalance": rows["replicas"]["imbalance"] if "replicas" in rows else None,
+            "rep_only_reduction": rows["rep_only"]["reduction"] if "rep_only" in rows else None,
+            "rep_only_imbalance": rows["rep_only"]["imbalance"] if "rep_only" in rows else None,
             "replicas_extra_memory": (int(replicated.holds_LER.sum()) / (L * E) - 1.0) if config.replicas else None,
             "replica_dispatch": config.replay.replica_dispatch,
         },
@@ -312,7 +317,7 @@ def format_report(res: dict) -> str:
     ]
     labels = {"baseline": "baseline", "shuffle": "shuffle", "grouping": "grouping", "balanced": "balanced",
               "ours": "grp+shuf",
-              "oracle": "oracle", "hindsight": "hindsight", "replicas": "+replicas"}
+              "oracle": "oracle", "hindsight": "hindsight", "replicas": "+replicas", "rep_only": "rep only"}
     for name, r in res["rows"].items():
         hit = f"{r['spec_hit']:.3f}" if r["spec_hit"] is not None else "-"
         lines.append(f"{labels[name]:10} {r['bytes_per_token_layer'] / 1e3:12.2f} {r['reduction']:9.3f} "
@@ -345,5 +350,6 @@ def format_report(res: dict) -> str:
     if "replicas" in res["rows"]:
         lines.append(f"+replicas spends {s['replicas_extra_memory']:.1%} more expert memory (EPLB-style copies of "
                      f"hot experts, {s['replica_dispatch']} replica dispatch) that the baseline does not: a "
-                     "separate comparison, not the headline")
+                     "separate comparison, not the headline; `rep only` gives the same slots to the contiguous "
+                     "layout without grouping or shuffling")
     return "\n".join(lines)

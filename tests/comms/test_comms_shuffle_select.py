@@ -235,7 +235,9 @@ def test_replicas_row_is_apart_from_the_headline():
     assert res["summary"]["imbalance_random"] == random_layout_imbalance(trace(1).expert_ids, 8, 4)
     assert res["summary"]["replicas_extra_memory"] == 0.5  # 4 extra slots on 8 experts in all 3 layers
     quick = A2ABenchConfig(ranks=4, replicas=0, histories=(1,), kernel_temperatures=(), grouping=small)
-    assert "replicas" not in run_a2a_bench(trace(0), trace(1), quick)["rows"]
+    assert not {"replicas", "rep_only"} & set(run_a2a_bench(trace(0), trace(1), quick)["rows"])
+    assert res["summary"]["rep_only_reduction"] == res["rows"]["rep_only"]["reduction"]
+    assert res["rows"]["rep_only"]["spec_hit"] is None  # tokens stay home: no speculation
     one = run_a2a_bench(trace(0), trace(1), replace(quick, replicas=1, replica_layers=1))
     assert one["summary"]["replicas_extra_memory"] == pytest.approx(1 / 6)
     held = ExpertPlacement.from_json(one["replicated_placement"]).holds_LER.sum((1, 2))
