@@ -53,7 +53,10 @@ __all__ = ["MADD_DECODE", "quantize_x16", "gemv_int8_madd", "BLOCK"]
 
 BLOCK = 2048  # columns summed in int32 before a flush: 2048 * 128 * 32767 < 2^31
 _STEP = 64  # columns per loop step of _madd_rows: one 64-byte line of int8 weights per row
-PF_BYTES = 4096  # prefetch distance of the int4 row stream (int4_madd.py; 2-8 KiB measured alike)
+# Prefetch distance of the int4 row stream (int4_madd.py): 2-8 KiB measured alike on
+# Zen 3; on the Zen 4 VM 8 KiB measured 1.04x over 4 KiB (one and two threads, cold
+# DeepSeek-V2-Lite int4 experts), and no prefetch there 0.44-0.55x.
+PF_BYTES = 8192 if AVX512 else 4096
 # Prefetch distance of the one-row int8 loop (see gemv_int8_madd): 768-1024 measured
 # best, 512 and 1536 in between, 2048 no better than none; none on AVX-512 hosts.
 PF_ROW_BYTES = 0 if AVX512 else 1024
