@@ -146,11 +146,11 @@ class ExpertPlacement:
             raise ValueError(f"layers must be in [0, {self.num_layers}] (layers given replica slots), got {layers}")
         rank_LR = torch.einsum("le,ler->lr", load_LE, self.holds_LER.double())
         imbalance_L = rank_LR.amax(1) / rank_LR.mean(1).clamp(min=1e-12)
-        chosen = set(torch.sort(-imbalance_L, stable=True).indices[: self.num_layers if layers is None
-                                                                 else layers].tolist())
+        n_chosen = self.num_layers if layers is None else layers
+        chosen = sorted(torch.sort(-imbalance_L, stable=True).indices[:n_chosen].tolist())
         holds = self.holds_LER.clone()
         R = self.world_size
-        for l in sorted(chosen):
+        for l in chosen:
             free_R = torch.full((R,), extra_per_rank)
             for _ in range(extra_per_rank * R):
                 n_E = holds[l].sum(1).double()
@@ -254,29 +254,25 @@ class ExpertPlacement:
         `dispatch_counts` remote_E (raises ValueError otherwise: the ranks disagree)."""
         ids_TK = topk_ids_TK.long().cpu()
         T, K = ids_TK.shape
-        R = self.world_size
         local_TK = self.holds_LER[layer][ids_TK, src_rank]
         single_TK = ~local_TK & (self._n_copies_LE[layer][ids_TK] == 1)
         dest_TK = torch.where(local_TK, src_rank, self._copies_LEC[layer][ids_TK][..., 0])
         rest = (~local_TK & ~single_TK).flatten().nonzero().flatten()
         if len(rest) == 0:
             return dest_TK
-        flat = ids_TK.flatten()
-        e_N = flat[rest]
-        if not torch.equal(quota_ER.long().sum(1), torch.bincount(e_N, minlength=self.num_experts)):
+        e_N = ids_TK.flatten()[rest]
+        count_E = torch.bincount(e_N, minlength=self.num_experts)
+        if not torch.equal(quota_ER.long().sum(1), count_E):
             raise ValueError(f"replica quota of layer {layer} does not match rank {src_rank}'s activations: "
                              "the ranks disagree on the placement or the counts")
         # rank n of each activation among those of its expert (stable, token order), then
         # the copy whose cumulative quota covers it
         order = torch.sort(e_N, stable=True).indices
-        first_E = torch.cumsum(torch.bincount(e_N, minlength=self.num_experts), 0) - torch.bincount(
-            e_N, minlength=self.num_experts)
         nth = torch.empty_like(e_N)
-        nth[order] = torch.arange(len(e_N)) - first_E[e_N[order]]
+        nth[order] = torch.arange(len(e_N)) - (torch.cumsum(count_E, 0) - count_E)[e_N[order]]
         cum_ER = torch.cumsum(quota_ER.long(), 1)
-        pick_N = torch.searchsorted(cum_ER[e_N], nth[:, None], right=True).squeeze(1)
         out = dest_TK.flatten().clone()
-        out[rest] = pick_N.clamp(max=R - 1)
+        out[rest] = torch.searchsorted(cum_ER[e_N], nth[:, None], right=True).squeeze(1)
         return out.view(T, K)
 
     def balanced_dest_ranks(self, layer: int, topk_ids_TK: torch.Tensor, src_T: torch.Tensor) -> torch.Tensor:
