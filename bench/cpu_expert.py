@@ -29,7 +29,11 @@ loaded machine is closer to what the hardware does (the bound is a best-of too),
 run's best probe (``goals``: a median against a best, which on a machine whose
 bandwidth drifts by tens of percent mostly measures the drift) and against the median
 of the probe samples taken between the same blocks (``goals_same_window``,
-``frac_of_probe``). Prints one JSON line last.
+``frac_of_probe``). The int4-over-bf16 goal compares two formats measured minutes apart;
+where the bandwidth flips between runs of a format (a 2-vCPU guest whose vCPUs share a
+core or not) that compares two machine states, so with T=1 the two are also timed in
+alternating blocks of one run (``int4_over_bf16_interleaved``), which is what
+``goals_same_window`` judges. Prints one JSON line last.
 
     python bench/cpu_expert.py [--quick] [--json] [--threads N] [--repeats N] [--tokens 1,4,16]
                                [--shapes mixtral-8x7b,...] [--wait-idle SECONDS] [--plain-pages]
@@ -239,8 +243,31 @@ def bench_format(name: str, D: int, Fh: int, dtype: str, tokens, repeats: int, t
     return rows
 
 
-def _goals(results: list[dict], bound: float | None) -> dict:
-    """The issue's goals at T=1; bound None: each row against its same-window probe."""
+def int4_over_bf16_interleaved(D: int, Fh: int, repeats: int, threads: int, huge_pages: bool = True) -> float:
+    """int4 over bf16 tokens/s at T=1, ours both, timed in alternating blocks of one run
+    (the same minutes of machine load and bandwidth): ratio of the median call times."""
+    p4 = _pool(D, Fh, "int4", huge_pages=huge_pages)
+    p16 = _pool(D, Fh, "bf16", huge_pages=huge_pages)
+    x_TD = torch.randn(1, D).bfloat16()
+    out = torch.empty_like(x_TD)
+
+    def run4(i):
+        expert_ffn(x_TD, *p4[i % len(p4)], out=out, num_threads=threads)
+
+    def run16(i):
+        expert_ffn(x_TD, *p16[i % len(p16)], out=out, num_threads=threads)
+
+    for i in range(len(p4)):  # first sight of every weight untimed, as in bench_format
+        run4(i)
+    for i in range(len(p16)):
+        run16(i)
+    t4, t16, _ = _time_blocks(run4, run16, max(repeats, len(p4), len(p16)))
+    return statistics.median(t16) / statistics.median(t4)
+
+
+def _goals(results: list[dict], bound: float | None, interleaved: dict | None = None) -> dict:
+    """The issue's goals at T=1; bound None: each row against its same-window probe, and
+    int4 over bf16 from `interleaved` ({shape: ratio}) where measured."""
     goals = {}
     for shape in {r["shape"] for r in results}:
         t1 = {r["dtype"]: r for r in results if r["shape"] == shape and r["T"] == 1}
@@ -251,6 +278,8 @@ def _goals(results: list[dict], bound: float | None) -> dict:
                     value=round(frac, 3), target=GOAL_FRAC_OF_BOUND, met=frac >= GOAL_FRAC_OF_BOUND)
         if "int4" in t1 and "bf16" in t1:
             ratio = t1["int4"]["tokens_per_s"] / t1["bf16"]["tokens_per_s"]
+            if bound is None and interleaved and shape in interleaved:
+                ratio = interleaved[shape]
             goals[f"{shape}/int4_over_bf16_T1_tokens_per_s"] = dict(
                 value=round(ratio, 2), target=GOAL_INT4_OVER_BF16, met=ratio >= GOAL_INT4_OVER_BF16)
     return goals
@@ -291,6 +320,7 @@ def main(argv=None) -> dict:
     probe = BandwidthProbe(256 << 20, num_threads=threads, huge_pages=huge)
     log(f"read bandwidth: {bounds[-1]:.2f} GB/s ({threads} threads)")
     results = []
+    interleaved = {}
     busy_starts = 0
     for name, (D, Fh) in shapes.items():
         for dtype in DTYPES:
@@ -303,6 +333,9 @@ def main(argv=None) -> dict:
                     f"  probe {row['probe_gbps']:6.2f} GB/s (ours {row['frac_of_probe']:.3f} of it)")
             bounds.append(read_bandwidth_gbps(args.bw_bytes, repeats=3, num_threads=threads, huge_pages=huge))
             log(f"read bandwidth: {bounds[-1]:.2f} GB/s")
+        if 1 in tokens:
+            interleaved[name] = round(int4_over_bf16_interleaved(D, Fh, repeats, threads, huge), 2)
+            log(f"{name:17s} int4 over bf16 tokens/s at T=1, alternating blocks: {interleaved[name]:.2f}")
     bound = max(bounds)
     for row in results:
         row["frac_of_bound"] = round(row["gbps"] / bound, 3)
@@ -314,7 +347,8 @@ def main(argv=None) -> dict:
                    wait_idle_s=args.wait_idle, formats_started_busy=busy_starts,
                    int4_group_size=INT4_GROUP, thp=thp_mode(), pages="plain" if args.plain_pages else "huge",
                    timing=f"alternating blocks of {BLOCK} calls, first call after a switch untimed",
-                   results=results, goals=_goals(results, bound), goals_same_window=_goals(results, None))
+                   results=results, int4_over_bf16_interleaved=interleaved, goals=_goals(results, bound),
+                   goals_same_window=_goals(results, None, interleaved))
     print(json.dumps(summary))
     return summary
 
