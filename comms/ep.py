@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moe.comms.dispatch import all_to_all, apply_local_experts, plan_dispatch
-from moe.comms.placement import ExpertPlacement
+from moe.comms.placement import REPLICA_DISPATCH, ExpertPlacement
 
 __all__ = ["EPConfig", "ExpertParallel", "LayerExpertFn", "LayerGroupedFn"]
 
@@ -53,8 +53,8 @@ class EPConfig:
     def __post_init__(self) -> None:
         if self.comm_dtype is not None and self.comm_dtype not in _DTYPES:
             raise ValueError(f"comm_dtype must be one of {_DTYPES} or None, got {self.comm_dtype}")
-        if self.replica_dispatch not in ("balanced", "hash"):
-            raise ValueError(f"replica_dispatch must be 'balanced' or 'hash', got {self.replica_dispatch!r}")
+        if self.replica_dispatch not in REPLICA_DISPATCH:
+            raise ValueError(f"replica_dispatch must be one of {REPLICA_DISPATCH}, got {self.replica_dispatch!r}")
 
 
 @dataclass

@@ -32,7 +32,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ExpertPlacement"]
+__all__ = ["ExpertPlacement", "REPLICA_DISPATCH"]
+
+# How an activation with no local copy picks among an expert's replicas (module docstring).
+REPLICA_DISPATCH = ("balanced", "hash")
 
 _GOLDEN_32 = 0x9E3779B1  # 2^32 / golden ratio, odd: Knuth's multiplicative hash
 
@@ -196,6 +199,12 @@ class ExpertPlacement:
         return self._copies_LEC[layer][ids.long().cpu(), 0]
 
     # --- balanced replica dispatch ------------------------------------------------------
+    def _bound(self, layer: int, ids: torch.Tensor, src_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks over `ids` (expert ids of layer, any shape): served by a copy on src_rank,
+        and otherwise by the expert's only copy: the activations no split can move."""
+        local = self.holds_LER[layer][ids, src_rank]
+        return local, ~local & (self._n_copies_LE[layer][ids] == 1)
+
     def dispatch_counts(self, layer: int, topk_ids_TK: torch.Tensor,
                         src_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What one rank contributes to the balanced split of `layer`.
@@ -205,8 +214,7 @@ class ExpertPlacement:
         replicated expert with no copy on src_rank, to be split over its copies).
         """
         ids = topk_ids_TK.long().cpu().flatten()
-        local = self.holds_LER[layer, ids, src_rank]
-        single = ~local & (self._n_copies_LE[layer][ids] == 1)
+        local, single = self._bound(layer, ids, src_rank)
         fixed_R = torch.zeros(self.world_size, dtype=torch.int64)
         fixed_R[src_rank] = int(local.sum())
         fixed_R += torch.bincount(self._copies_LEC[layer, ids[single], 0], minlength=self.world_size)
@@ -254,8 +262,7 @@ class ExpertPlacement:
         `dispatch_counts` remote_E (raises ValueError otherwise: the ranks disagree)."""
         ids_TK = topk_ids_TK.long().cpu()
         T, K = ids_TK.shape
-        local_TK = self.holds_LER[layer][ids_TK, src_rank]
-        single_TK = ~local_TK & (self._n_copies_LE[layer][ids_TK] == 1)
+        local_TK, single_TK = self._bound(layer, ids_TK, src_rank)
         dest_TK = torch.where(local_TK, src_rank, self._copies_LEC[layer][ids_TK][..., 0])
         rest = (~local_TK & ~single_TK).flatten().nonzero().flatten()
         if len(rest) == 0:

@@ -36,13 +36,12 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-from moe.comms.placement import ExpertPlacement
+from moe.comms.placement import REPLICA_DISPATCH, ExpertPlacement
 from moe.comms.shuffle import DecodeView, TransitionShuffler
 
 __all__ = ["ReplayConfig", "ReplayResult", "replay", "home_ranks"]
 
 HOMES = ("token", "sequence")
-REPLICA_DISPATCH = ("balanced", "hash")
 
 
 @dataclass(kw_only=True)

@@ -39,7 +39,7 @@ from torch import nn
 from moe.block import HybridMoeBlock
 from moe.comms.ep import EPConfig, ExpertParallel
 from moe.comms.group import GroupConfig, init_from_env
-from moe.comms.placement import ExpertPlacement
+from moe.comms.placement import REPLICA_DISPATCH, ExpertPlacement
 from moe.config import EPShard, RuntimeConfig
 from moe.kernels import cpu_expert_ffn, device_fused_moe
 
@@ -187,7 +187,7 @@ def _parse_worker(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--group-timeout", type=float, default=300.0, help="collective timeout in seconds")
     p.add_argument("--comm-dtype", choices=sorted(_COMM_DTYPES), default=None,
                    help="dtype of hidden rows on the wire (default: the activations')")
-    p.add_argument("--replica-dispatch", choices=["balanced", "hash"], default="balanced",
+    p.add_argument("--replica-dispatch", choices=REPLICA_DISPATCH, default="balanced",
                    help="how tokens pick among an expert's replicas (EPConfig.replica_dispatch)")
     p.add_argument("--self-check", type=int, default=0, metavar="STEPS",
                    help="instead of a command, check EP against the reference for STEPS steps")

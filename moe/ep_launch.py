@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from moe.comms.placement import ExpertPlacement
+from moe.comms.placement import REPLICA_DISPATCH, ExpertPlacement
 from moe.ep import _COMM_DTYPES
 
 __all__ = ["launch_job"]
@@ -98,8 +98,8 @@ def launch_job(config, command: list[str], *, placement: str | None = None, grou
 
     if comm_dtype is not None and comm_dtype not in _COMM_DTYPES:
         raise ValueError(f"comm dtype must be one of {', '.join(sorted(_COMM_DTYPES))}, got {comm_dtype!r}")
-    if replica_dispatch not in ("balanced", "hash"):
-        raise ValueError(f"replica dispatch must be 'balanced' or 'hash', got {replica_dispatch!r}")
+    if replica_dispatch not in REPLICA_DISPATCH:
+        raise ValueError(f"replica dispatch must be one of {', '.join(REPLICA_DISPATCH)}, got {replica_dispatch!r}")
     base = ["--group-timeout", str(group_timeout_s)] + (["--placement", placement] if placement else []) \
         + (["--comm-dtype", comm_dtype] if comm_dtype else []) \
         + (["--replica-dispatch", replica_dispatch] if replica_dispatch != "balanced" else [])

@@ -7,9 +7,10 @@ from moe.cpu_kernels.gemv_madd import MADD_DECODE
 FP32 = dict(rtol=1e-4, atol=1e-5)
 # bf16 output: one final rounding step on top.
 BF16 = dict(rtol=1.6e-2, atol=1e-3)
-# int8 and int4 decode by 16-bit multiply-add (gemv_madd.py, int4_madd.py; numba_util.REG_GEMV hosts): the token and the hidden
-# vector are rounded to 16-bit fixed point; measured 1e-4 to 4e-4 of the largest output
-# (the tests' outputs are O(1) to O(4)).
+# int8 and int4 decode by 16-bit multiply-add (gemv_madd.py, int4_madd.py; on
+# numba_util.REG_GEMV hosts): the token and the hidden vector are rounded to 16-bit
+# fixed point; measured 1e-4 to 4e-4 of the largest output (the tests' outputs are O(1)
+# to O(4)).
 MADD = dict(rtol=2e-3, atol=2e-3)
 
 
