@@ -30,10 +30,12 @@ no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase. int8 and in
 a second pair, ``decode_<fmt>_madd[_pool]``, which rounds the token and the hidden vector
 to 16-bit fixed point and multiplies by integer multiply-add (gemv_madd.py,
 int4_madd.py); expert_ffn uses them where numba_util.REG_GEMV holds (AVX2-only and
-Zen 4 cores), where the fp32 kernels are compute-bound below the DRAM rate. Every GEMV
-of a format goes through one call site per phase, because every distinct compiled copy
-of the GEMV loops costs seconds of compile time on first use (numba re-optimises callees
-per caller).
+Zen 4 cores), where the fp32 kernels are compute-bound below the DRAM rate. int4 has
+a third pair, ``decode_int4_dot8[_pool]``, against the token and the hidden vector
+rounded to 8 bits per group (int4_dot8.py), which expert_ffn takes on Zen 4 (AVX-512
+VNNI). Every GEMV of a format goes through one call site per phase, because every
+distinct compiled copy of the GEMV loops costs seconds of compile time on first use
+(numba re-optimises callees per caller).
 
 Why addresses, and the thread cap inside: a decode step streams far more weight bytes
 than the last-level cache holds, so the Python and torch code between two expert calls
@@ -55,12 +57,16 @@ from .gemv import gemv_bf16, gemv_int8
 from .gemv_madd import gemv_int8_madd, quantize_x16
 from .int4_gemv import GROUP as INT4_GROUP
 from .int4_gemv import gemv_int4, permute_x
+from .int4_dot8 import GROUP as DOT8_GROUP
+from .int4_dot8 import LANES as DOT8_LANES
+from .int4_dot8 import gemv_int4_dot8, quantize_x8
 from .int4_madd import gemv_int4_madd, permute_x16
 from .numba_util import njit_kernel
 from .tiles import bf16_to_f32, f32_to_bf16
 
 __all__ = ["decode_bf16", "decode_int8", "decode_int4", "decode_bf16_pool", "decode_int8_pool",
-           "decode_int4_pool", "decode_int8_madd", "decode_int8_madd_pool", "decode_int4_madd", "decode_int4_madd_pool"]
+           "decode_int4_pool", "decode_int8_madd", "decode_int8_madd_pool", "decode_int4_madd", "decode_int4_madd_pool",
+           "decode_int4_dot8", "decode_int4_dot8_pool"]
 
 # Rows per split unit: the GEMVs stream four rows side by side (gemv._step4), so
 # chunks of whole 4-row blocks keep every thread on its fast path.
@@ -418,4 +424,80 @@ def decode_int4_madd_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4_madd(c, n2, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D)
+    _store_y(y_D, ya, bf16)
+
+
+# ------------------------------------------ int4 against an 8-bit token (VNNI)
+# int4_dot8.py: the token (phase 1) and the hidden vector (phase 2) rounded to 8 bits
+# per group of 128; a vector holding inf or NaN takes the fp32 path above.
+
+@njit_kernel(parallel=False)
+def _x8_for_int4(v_N):
+    """v_N's 8-bit form per group (int4_dot8.quantize_x8): (x8, ts, corr, usable)."""
+    G = v_N.shape[0] // DOT8_GROUP
+    x8_N = np.zeros(v_N.shape[0], np.int8)
+    ts_G = np.empty(G, np.float32)
+    corr_GL = np.empty((G, DOT8_LANES), np.int32)
+    return x8_N, ts_G, corr_GL, quantize_x8(v_N, x8_N, ts_G, corr_GL)
+
+
+@njit_kernel(parallel=False)
+def _up_int4_dot8(c, nch, x_D, xp_D, x8_D, ts_D, corr_D, ok, xsum_G, p13, w13, s13, gu_2F, h_F):
+    if not ok:
+        _up_int4(c, nch, x_D, xp_D, xsum_G, p13, w13, s13, gu_2F, h_F)
+        return
+    F = h_F.shape[0]
+    lo, hi = _split(F, nch, c)
+    for part in range(2):  # gate rows, then up rows
+        gemv_int4_dot8(x8_D, ts_D, corr_D, x_D, xsum_G, p13, w13, s13, gu_2F, part * F + lo, part * F + hi)
+    _swiglu(gu_2F, h_F, F, lo, hi)
+
+
+@njit_kernel(parallel=False)
+def _down_int4_dot8(c, nch, h_F, hp_F, h8_F, ts_F, corr_F, ok, hsum_G, p2, w2, s2, y_D):
+    if not ok:
+        _down_int4(c, nch, h_F, hp_F, hsum_G, p2, w2, s2, y_D)
+        return
+    lo, hi = _split(y_D.shape[0], nch, c)
+    gemv_int4_dot8(h8_F, ts_F, corr_F, h_F, hsum_G, p2, w2, s2, y_D, lo, hi)
+
+
+@njit_kernel(parallel=False)
+def _hidden_int4_dot8(h_F, hp_F, hsum_G):
+    """Between the phases: h's fp32 permuted form and group sums (the fp32 path and the
+    tail group) and its 8-bit form."""
+    permute_x(h_F, INT4_GROUP, hp_F, hsum_G)
+    return _x8_for_int4(h_F)
+
+
+@njit_kernel(parallel=False)
+def decode_int4_dot8(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
+    """decode_int4 against the 8-bit token (int4_dot8.py); calling thread."""
+    D = p2.shape[0]
+    F = p13.shape[0] // 2
+    x_D = _load_x(xa, bf16, D)
+    xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
+    x8_D, ts_D, corr_D, ok = _x8_for_int4(x_D)
+    y_D = np.empty(D, np.float32)
+    _up_int4_dot8(0, 1, x_D, xp_D, x8_D, ts_D, corr_D, ok, xsum_G, p13, w13, s13, gu_2F, h_F)
+    h8_F, ts_F, corr_F, hok = _hidden_int4_dot8(h_F, hp_F, hsum_G)
+    _down_int4_dot8(0, 1, h_F, hp_F, h8_F, ts_F, corr_F, hok, hsum_G, p2, w2, s2, y_D)
+    _store_y(y_D, ya, bf16)
+
+
+@njit_kernel()
+def decode_int4_dot8_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
+    """decode_int4_dot8 in two phases of nch chunks on the thread pool."""
+    D = p2.shape[0]
+    F = p13.shape[0] // 2
+    x_D = _load_x(xa, bf16, D)
+    xp_D, xsum_G, gu_2F, h_F, hp_F, hsum_G = _int4_scratch(x_D, s13, s2, F)
+    x8_D, ts_D, corr_D, ok = _x8_for_int4(x_D)
+    y_D = np.empty(D, np.float32)
+    for c in prange(nch):
+        _up_int4_dot8(c, nch, x_D, xp_D, x8_D, ts_D, corr_D, ok, xsum_G, p13, w13, s13, gu_2F, h_F)
+    h8_F, ts_F, corr_F, hok = _hidden_int4_dot8(h_F, hp_F, hsum_G)
+    n2 = _chunks2(nch, D)
+    for c in prange(n2):
+        _down_int4_dot8(c, n2, h_F, hp_F, h8_F, ts_F, corr_F, hok, hsum_G, p2, w2, s2, y_D)
     _store_y(y_D, ya, bf16)

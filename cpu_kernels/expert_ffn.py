@@ -21,6 +21,9 @@ T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode p
 (decode.py): the whole expert in one kernel call with at most one thread-pool launch,
 with each weight's checks and numpy views made once per weight object
 (weight_views.weight_info).
+On Zen 4 hosts (AVX-512 VNNI) int4 decode rounds the token and the hidden vector
+to 8 bits per group of 128 (int4_dot8.py: ~1.5% of the output, a tenth of what int4
+weights themselves do); elsewhere T == 1 keeps 16-bit or fp32 tokens.
 
 `expert_ffn` releases the GIL inside the kernels and may be called from several Python
 threads at once; see numba_util for the threading model and `num_threads`. A matmul
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from . import decode as Dk
 from . import expert_ffn_kernels as K
 from .gemv_madd import MADD_DECODE
+from .int4_dot8 import DOT8_DECODE
 from .int4_kernels import matmul_int4, matmul_int4_serial
 from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
@@ -106,10 +110,12 @@ def _decode(x_TD: torch.Tensor, bf16: bool, i13: WeightInfo, i2: WeightInfo, out
 
 # decode format -> (calling-thread kernel, thread-pool kernel)
 # int8 and int4: 16-bit multiply-add where measured faster (numba_util.REG_GEMV;
-# gemv_madd.py, int4_madd.py); the fp32 kernels elsewhere.
+# gemv_madd.py, int4_madd.py), int4 against an 8-bit token where VNNI makes that
+# faster still (int4_dot8.DOT8_DECODE); the fp32 kernels elsewhere.
 if MADD_DECODE:
     _DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8_madd, Dk.decode_int8_madd_pool),
-               "int4": (Dk.decode_int4_madd, Dk.decode_int4_madd_pool)}
+               "int4": ((Dk.decode_int4_dot8, Dk.decode_int4_dot8_pool) if DOT8_DECODE
+                        else (Dk.decode_int4_madd, Dk.decode_int4_madd_pool))}
 else:
     _DECODE = {"bf16": (Dk.decode_bf16, Dk.decode_bf16_pool), "int8": (Dk.decode_int8, Dk.decode_int8_pool),
                "int4": (Dk.decode_int4, Dk.decode_int4_pool)}

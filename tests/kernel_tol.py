@@ -2,6 +2,7 @@
 import torch
 
 from moe.cpu_kernels.gemv_madd import MADD_DECODE
+from moe.cpu_kernels.int4_dot8 import DOT8_DECODE
 
 # Same weights, fp32 accumulation: only the summation order differs.
 FP32 = dict(rtol=1e-4, atol=1e-5)
@@ -12,10 +13,16 @@ BF16 = dict(rtol=1.6e-2, atol=1e-3)
 # fixed point; measured 1e-4 to 4e-4 of the largest output (the tests' outputs are O(1)
 # to O(4)).
 MADD = dict(rtol=2e-3, atol=2e-3)
+# int4 decode against an 8-bit token (int4_dot8.py; Zen 4 hosts): token and hidden vector
+# rounded to 8 bits per group of 128; measured up to 0.048 on outputs of largest
+# magnitude ~2.7 (0.6-2.1% of the largest output), against ~16% from the int4 weights.
+DOT8 = dict(rtol=3e-2, atol=8e-2)
 
 
 def kernel_tol(x_dtype=torch.float32, fmt: str = "", T: int = 1) -> dict:
     """The tolerance for an expert_ffn result in x_dtype with weights in fmt and T tokens."""
+    if DOT8_DECODE and fmt in ("int4", "int4-128") and T == 1:
+        return DOT8
     if x_dtype == torch.bfloat16:
         return BF16
     if MADD_DECODE and fmt in ("int8", "int4", "int4-128") and T == 1:
