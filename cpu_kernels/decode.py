@@ -26,7 +26,9 @@ follows badly. On DeepSeek-V2-Lite int8 (w2 rows of 1408 bytes) the two-phase fo
 streams ~18% faster on the 2-core test VM; on Mixtral-sized experts the two are alike.
 
 Each format has two entry points: ``decode_<fmt>`` runs on the calling thread (C = 1,
-no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase. int8 and int4 have
+no pool launch) and ``decode_<fmt>_pool`` runs nch chunks per phase (nch = 0: one per
+thread of the caller's numba setting; -n: a cap of n threads for this call, see
+_threads_enter). int8 and int4 have
 a second pair, ``decode_<fmt>_madd[_pool]``, which rounds the token and the hidden vector
 to 16-bit fixed point and multiplies by integer multiply-add (gemv_madd.py,
 int4_madd.py); expert_ffn uses them where numba_util.REG_GEMV holds (AVX2-only and
@@ -51,7 +53,9 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic
+from numba.np.ufunc.parallel import _launch_threads
 
 from .gemv import gemv_bf16, gemv_int8
 from .gemv_madd import gemv_int8_madd, quantize_x16
@@ -137,6 +141,64 @@ def _chunks2(nch, D):
     return max(1, min(nch, D // ROWS))
 
 
+# The thread count of a pool kernel, settled inside the compiled code: from Python,
+# numba.get_num_threads() and a set/restore around the call cost ~1-3 us per call
+# with warm caches and several times that from the cold caches a decode step leaves
+# (see "Why addresses" above). numba.get/set_num_threads inside compiled code call the
+# threading layer through ctypes pointers, which numba cannot cache, so these call the
+# layer's C functions by the symbol names numba's own parallel loops use. Those symbols
+# exist once numba has loaded its threading layer, which it does before compiling or
+# loading a parallel function but not a serial one like _threads_enter: hence the load
+# here, at import (it picks the layer and starts the pool that the first kernel call
+# would start anyway).
+_launch_threads()
+
+
+@intrinsic
+def _get_threads(typingctx):
+    """The calling thread's numba thread count (C: int get_num_threads(void))."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "get_num_threads")
+        return builder.sext(builder.call(fn, []), ir.IntType(64))
+    return types.int64(), codegen
+
+
+@intrinsic
+def _set_threads(typingctx, n):
+    """Set the calling thread's numba thread count (C: void set_num_threads(int))."""
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]),
+                                            "set_num_threads")
+        builder.call(fn, [builder.trunc(context.cast(builder, args[0], signature.args[0], types.int64),
+                                        ir.IntType(32))])
+        return context.get_dummy_value()
+    return types.none(n), codegen
+
+
+@njit_kernel(parallel=False)
+def _threads_enter(nch):
+    """(chunks, thread count to restore after the call or 0) for a pool kernel's nch:
+    > 0 that many chunks on the current threads; 0 one chunk per current thread; < 0 a
+    cap of -nch threads for this call (one chunk each), set here and restored by
+    _threads_leave. Callers check a cap against NUMBA_NUM_THREADS first."""
+    if nch > 0:
+        return nch, 0
+    cur = _get_threads()
+    if nch == 0 or -nch == cur:
+        return cur, 0
+    _set_threads(-nch)
+    return -nch, cur
+
+
+@njit_kernel(parallel=False)
+def _threads_leave(prev):
+    if prev > 0:
+        _set_threads(prev)
+
+
 # ---------------------------------------------------------------- bf16
 
 @njit_kernel(parallel=False)
@@ -168,6 +230,7 @@ def decode_bf16(xa, ya, bf16, w13, w2):
 @njit_kernel()
 def decode_bf16_pool(xa, ya, bf16, w13, w2, nch):
     """decode_bf16 in two phases of nch chunks on the thread pool."""
+    nch, prev = _threads_enter(nch)
     D, F = w2.shape
     x_D = _load_x(xa, bf16, D)
     gu_2F = np.empty(2 * F, np.float32)
@@ -178,6 +241,7 @@ def decode_bf16_pool(xa, ya, bf16, w13, w2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_bf16(c, n2, h_F, w2, y_D)
+    _threads_leave(prev)
     _store_y(y_D, ya, bf16)
 
 
@@ -212,6 +276,7 @@ def decode_int8(xa, ya, bf16, q13, s13, q2, s2):
 @njit_kernel()
 def decode_int8_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     """decode_int8 in two phases of nch chunks on the thread pool."""
+    nch, prev = _threads_enter(nch)
     D, F = q2.shape
     x_D = _load_x(xa, bf16, D)
     gu_2F = np.empty(2 * F, np.float32)
@@ -222,6 +287,7 @@ def decode_int8_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int8(c, n2, h_F, q2, s2, y_D)
+    _threads_leave(prev)
     _store_y(y_D, ya, bf16)
 
 
@@ -276,6 +342,7 @@ def decode_int8_madd(xa, ya, bf16, q13, s13, q2, s2):
 def decode_int8_madd_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     """decode_int8_madd in two phases of nch chunks on the thread pool (h is rounded to
     16 bits between them, on the calling thread: F values, ~1 us)."""
+    nch, prev = _threads_enter(nch)
     D, F = q2.shape
     x_D = _load_x(xa, bf16, D)
     x16_D, xs = _x16(x_D)
@@ -288,6 +355,7 @@ def decode_int8_madd_pool(xa, ya, bf16, q13, s13, q2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int8_madd(c, n2, h_F, h16_F, hs, q2, s2, y_D)
+    _threads_leave(prev)
     _store_y(y_D, ya, bf16)
 
 
@@ -337,6 +405,7 @@ def decode_int4(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
 def decode_int4_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     """decode_int4 in two phases of nch chunks on the thread pool (h is permuted for
     the w2 GEMV between them, on the calling thread: F values, ~1 us)."""
+    nch, prev = _threads_enter(nch)
     D = p2.shape[0]
     F = p13.shape[0] // 2
     x_D = _load_x(xa, bf16, D)
@@ -348,6 +417,7 @@ def decode_int4_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4(c, n2, h_F, hp_F, hsum_G, p2, w2, s2, y_D)
+    _threads_leave(prev)
     _store_y(y_D, ya, bf16)
 
 
@@ -412,6 +482,7 @@ def decode_int4_madd(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
 @njit_kernel()
 def decode_int4_madd_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     """decode_int4_madd in two phases of nch chunks on the thread pool."""
+    nch, prev = _threads_enter(nch)
     D = p2.shape[0]
     F = p13.shape[0] // 2
     x_D = _load_x(xa, bf16, D)
@@ -424,6 +495,7 @@ def decode_int4_madd_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4_madd(c, n2, h_F, hp_F, hq_F, hs, hsum_G, p2, w2, s2, y_D)
+    _threads_leave(prev)
     _store_y(y_D, ya, bf16)
 
 
@@ -488,6 +560,7 @@ def decode_int4_dot8(xa, ya, bf16, p13, w13, s13, p2, w2, s2):
 @njit_kernel()
 def decode_int4_dot8_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     """decode_int4_dot8 in two phases of nch chunks on the thread pool."""
+    nch, prev = _threads_enter(nch)
     D = p2.shape[0]
     F = p13.shape[0] // 2
     x_D = _load_x(xa, bf16, D)
@@ -500,4 +573,5 @@ def decode_int4_dot8_pool(xa, ya, bf16, p13, w13, s13, p2, w2, s2, nch):
     n2 = _chunks2(nch, D)
     for c in prange(n2):
         _down_int4_dot8(c, n2, h_F, hp_F, h8_F, ts_F, corr_F, hok, hsum_G, p2, w2, s2, y_D)
+    _threads_leave(prev)
     _store_y(y_D, ya, bf16)

@@ -47,7 +47,7 @@ from .int4_dot8 import DOT8_DECODE
 from .int4_kernels import matmul_int4, matmul_int4_serial
 from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
-from .numba_util import launch_guard, launches_concurrent, thread_cap, thread_cap_check
+from .numba_util import launch_guard, launches_concurrent, max_threads, thread_cap, thread_cap_check
 from .quant import Int4Weight, Int8Weight
 from .weight_views import Weight, WeightInfo, weight_info
 
@@ -94,17 +94,18 @@ def _decode(x_TD: torch.Tensor, bf16: bool, i13: WeightInfo, i2: WeightInfo, out
     y_TD = out if out is not None else torch.empty(x_TD.shape, dtype=x_TD.dtype)
     args = (x_TD.data_ptr(), y_TD.data_ptr(), bf16) + i13.views + i2.views
     kernels = _DECODE[i13.fmt]
-    current = numba.get_num_threads()
-    nthreads = current if num_threads is None else num_threads
-    if nthreads == 1 or i13.nbytes + i2.nbytes < SERIAL_BYTES:
+    if num_threads == 1 or i13.nbytes + i2.nbytes < SERIAL_BYTES or max_threads() == 1:
         kernels[0](*args)  # on the calling thread: no launch, so no thread cap or launch lock
-    elif nthreads == current and launches_concurrent():
-        # The common case (no cap, or a cap equal to the setting): no set_num_threads
-        # round trip and no context managers, each several microseconds from cold caches.
-        kernels[1](*args, nthreads)
+        return y_TD
+    # The pool kernel settles the thread count itself (decode._threads_enter): 0 = the
+    # calling thread's numba setting, -n = a cap of n for this call. No get/set of numba's
+    # setting and no context manager here, each several microseconds from cold caches.
+    nch = 0 if num_threads is None else -num_threads
+    if launches_concurrent():
+        kernels[1](*args, nch)
     else:
-        with thread_cap(num_threads), launch_guard():
-            kernels[1](*args, nthreads)
+        with launch_guard():
+            kernels[1](*args, nch)
     return y_TD
 
 

@@ -414,3 +414,30 @@ def test_combine_rows_is_the_sequential_fp32_sum(dtype):
     for k in slots.tolist():
         want.index_add_(0, torch.arange(D), y_KD[k].float() * float(w_K[k]))
     assert torch.equal(out[0], want.to(dtype))
+
+
+@pytest.mark.parametrize("fmt", DECODE_FORMATS)
+def test_decode_thread_cap_is_restored_and_nch_zero_uses_the_setting(fmt, monkeypatch):
+    """The pool kernels settle the thread count themselves: nch = 0 takes the calling
+    thread's numba setting, nch = -n caps this call at n threads and puts the caller's
+    setting back; results equal the reference either way."""
+    monkeypatch.setattr(expert_ffn_module, "SERIAL_BYTES", 0)
+    w13, w2 = _weights(264, 136, fmt)
+    x_TD = torch.randn(1, 264)
+    want = expert_ffn_reference(x_TD, w13, w2)
+    pool = expert_ffn_module._DECODE[fmt][1]
+    before = numba.get_num_threads()
+    try:
+        for setting in sorted({1, before}):
+            numba.set_num_threads(setting)
+            for nch in (0, -1, -before):
+                y_TD = torch.full((1, 264), float("nan"))
+                pool(x_TD.data_ptr(), y_TD.data_ptr(), False, *weight_info(w13, "w13").views,
+                     *weight_info(w2, "w2").views, nch)
+                torch.testing.assert_close(y_TD, want, **kernel_tol(torch.float32, fmt))
+                assert numba.get_num_threads() == setting
+            torch.testing.assert_close(expert_ffn(x_TD, w13, w2, num_threads=before), want,
+                                       **kernel_tol(torch.float32, fmt))
+            assert numba.get_num_threads() == setting
+    finally:
+        numba.set_num_threads(before)
