@@ -15,7 +15,9 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
 
 2 <= T <= 16 (small_t.py, small_t_int4.py: fp32, bf16, int8, int4 group 128) decodes
 each block of four weight rows once into registers and applies it to every token; larger
-T goes through fp32 scratch chunks and register tiles (tiles.py).
+T goes through fp32 scratch chunks and register tiles (tiles.py). On Zen 4 (AVX-512 BF16)
+a bf16 token against bf16 w13 at 2 <= T <= 16 takes bf16 dot products instead
+(small_t_bf16dp.py: exact products, fp32 sums).
 
 T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode path
 (decode.py): the whole expert in one kernel call with at most one thread-pool launch,
@@ -45,6 +47,7 @@ from . import expert_ffn_kernels as K
 from .gemv_madd import MADD_DECODE
 from .int4_dot8 import DOT8_DECODE
 from .int4_kernels import matmul_int4, matmul_int4_serial
+from .small_t_bf16dp import BF16DP_SMALL_T, matmul_small_bf16dp, rows_small_bf16dp
 from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
 from .numba_util import launch_guard, launches_concurrent, max_threads, thread_cap, thread_cap_check
@@ -151,6 +154,18 @@ def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
         K.matmul_f32(x_TK, w.detach().numpy(), out_TR, nch)
 
 
+def _matmul_bf16dp(x16_TK: np.ndarray, w: torch.Tensor, out_TR: np.ndarray) -> None:
+    """out_TR = x16_TK @ w.T for bf16 token bits and bf16 weights, 2 <= T <= SMALL_T, by
+    bf16 dot products (small_t_bf16dp.py), on the pool or the calling thread as _matmul."""
+    w_RK = w.detach().view(torch.int16).numpy().view(np.uint16)
+    R = out_TR.shape[1]
+    nthreads = numba.get_num_threads()
+    if nthreads == 1 or x16_TK.shape[0] * weight_nbytes(w) < SERIAL_BYTES:
+        rows_small_bf16dp(x16_TK, w_RK, out_TR, 0, R)
+    else:
+        matmul_small_bf16dp(x16_TK, w_RK, out_TR, max(1, min(R, nthreads)))
+
+
 def _matmul_serial(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """_matmul on the calling thread, without waking numba's thread pool."""
     R = out_TR.shape[1]
@@ -242,9 +257,14 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
         xf_TD = x_TD.numpy()
         yf_TD = y_TD.numpy()
     with thread_cap(num_threads), launch_guard():
-        if bf16:
-            widen_bf16(x_TD.view(torch.int16).numpy().view(np.uint16), xf_TD)
-        _matmul(xf_TD, w13, gu_T2F)
+        x16_TD = x_TD.view(torch.int16).numpy().view(np.uint16) if bf16 else None
+        if bf16 and BF16DP_SMALL_T and 2 <= T <= SMALL_T and isinstance(w13, torch.Tensor) \
+                and w13.dtype == torch.bfloat16:
+            _matmul_bf16dp(x16_TD, w13, gu_T2F)  # bf16 token x bf16 weights: exact products
+        else:
+            if bf16:
+                widen_bf16(x16_TD, xf_TD)
+            _matmul(xf_TD, w13, gu_T2F)
         swiglu_rows(gu_T2F, h_TF)
         _matmul(h_TF, w2, yf_TD)
         if bf16:

@@ -39,7 +39,7 @@ import numba
 
 __all__ = ["njit_kernel", "thread_cap", "thread_cap_check", "launch_guard", "launches_concurrent", "max_threads",
            "host_cpu_features", "host_cpu_name", "AVX2", "AVX2_ONLY", "AVX512", "AVX512BW", "AVX512VNNI",
-           "REG_GEMV"]
+           "AVX512BF16", "REG_GEMV"]
 
 
 def _host_query(query, default):
@@ -69,6 +69,7 @@ AVX2 = bool(_FEATURES.get("avx2"))
 AVX512 = bool(_FEATURES.get("avx512f"))
 AVX512BW = AVX512 and bool(_FEATURES.get("avx512bw"))  # 512-bit 16-bit integer ops (vpmaddwd zmm)
 AVX512VNNI = AVX512BW and bool(_FEATURES.get("avx512vnni"))  # 512-bit byte dot products (vpdpbusd zmm)
+AVX512BF16 = AVX512BW and bool(_FEATURES.get("avx512bf16"))  # bf16 pair dot products (vdpbf16ps zmm)
 AVX2_ONLY = AVX2 and not AVX512
 # Where the T == 1 GEMVs take the register-accumulator kernels, one or four row streams
 # per thread by row length (gemv_reg.py, gemv_madd.py, int4_madd.py), instead of the fp32

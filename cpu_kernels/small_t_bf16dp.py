@@ -1,0 +1,205 @@
+"""Small-batch (2 <= T <= SMALL_T) matmul for bf16 weights against bf16 tokens by bf16
+dot products (vdpbf16ps, AVX-512 BF16): out_TR = x16_TK @ W.T, accumulated in fp32.
+
+Shape key: T tokens, K input columns, R weight rows, G tokens per group (4, 2 or 1),
+L = 16 fp32 lanes.
+
+Why: small_t.py spends one fp32 FMA per weight and token, keeping each token's partial
+sums in L1; on Zen 4 (one 512-bit FMA per cycle per core) that loop runs at the FMA rate,
+~16 cycles per token and 4 x 64-column step, and at T = 16 it was 0.77-0.82x torch. One
+vdpbf16ps multiplies 32 bf16 pairs and adds each pair's products into 16 fp32 lanes,
+but with the partial sums still loaded and stored per token it measured only ~12 cycles:
+the sums' traffic then bounds the loop. So here the sums of a group of G tokens x 4 rows
+stay in registers over the whole row (`_block`), and the 4-row weight block is read
+once per group (from DRAM for the first group, from L1/L2 after it): ~8.5-9 cycles per
+token and step with the rows in L2, one thread (G = 4).
+
+Numerics: the products of two bf16 values are exact in fp32, so the result equals the
+fp32 loop's up to the summation order, except that the instruction treats denormal
+inputs as zero and flushes denormal results (bf16 magnitudes below ~1.2e-38). Only
+bf16 tokens take this path (expert_ffn: the token of a bf16 model against w13); fp32
+inputs (the hidden vector) keep small_t.py.
+
+Without AVX-512 BF16 the same sums are written as generic vector IR (correct, slower);
+expert_ffn selects this path only where BF16DP_SMALL_T holds.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+from .gemv import PF_BYTES, STEP
+from .int4_dot8 import hsum_f32
+from .ir_loop import counted_loop
+from .numba_util import AVX512BF16, REG_GEMV, njit_kernel
+from .tiles import bf16_to_f32, prefetch_ir
+
+__all__ = ["BF16DP_SMALL_T", "rows_small_bf16dp", "matmul_small_bf16dp"]
+
+_LANES = 16
+_ROWS = 4
+# Where expert_ffn takes this path: Zen 4 (numba_util.REG_GEMV on an AVX-512 core) with
+# AVX-512 BF16, where it was measured; small_t.py's fp32 loop elsewhere.
+BF16DP_SMALL_T = REG_GEMV and AVX512BF16
+
+
+class _BFloat(ir.Type):
+    """LLVM's bfloat scalar type, which llvmlite has no name for: the operand type of
+    the BF16 dot-product intrinsic."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _BFloat)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
+def _dot_pairs(b: ir.IRBuilder, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
+    """acc (16 x f32) + lane sums w[2i] * x[2i] + w[2i+1] * x[2i+1] of two vectors of 32
+    bf16 values carried as <16 x i32>: one vdpbf16ps with AVX-512 BF16, the same sums
+    as generic vector IR elsewhere."""
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    v16i, v16f = ir.VectorType(i32, _LANES), ir.VectorType(f32, _LANES)
+    if AVX512BF16:
+        vb = ir.VectorType(_BFloat(), 2 * _LANES)
+        fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(v16f, [v16f, vb, vb]),
+                                            "llvm.x86.avx512bf16.dpbf16ps.512")
+        return b.call(fn, [acc, b.bitcast(w, vb), b.bitcast(x, vb)])
+
+    def half(v, shift):  # the even (shift 16: low half) or odd bf16 of each lane as fp32
+        bits = b.shl(v, ir.Constant(v16i, [16] * _LANES)) if shift else b.and_(v, ir.Constant(v16i, [-65536] * _LANES))
+        return b.bitcast(bits, v16f)
+
+    acc = b.fadd(acc, b.fmul(half(w, True), half(x, True)))
+    return b.fadd(acc, b.fmul(half(w, False), half(x, False)))
+
+
+def _make_block(G: int):
+    """The register-blocked kernel for groups of G tokens (a compile-time constant)."""
+
+    @intrinsic
+    def block(typingctx, w_flat, wi, S, x_flat, xi, steps, pf, out):
+        """out[4g + j] = sum over k < 64 steps of w_flat[wi + jS + k] * x_flat[xi + gS + k]
+        for g < G tokens, j < 4 rows (bf16 bits, both with row stride S), in fp32; the
+        4 x G lane sums stay in registers (ir_loop.counted_loop). Each step prefetches
+        its rows' lines pf elements ahead (pf = 0: the lines it reads, a no-op). Callers
+        keep every index in bounds."""
+        if not (isinstance(w_flat, types.Array) and w_flat.dtype == types.uint16
+                and isinstance(x_flat, types.Array) and x_flat.dtype == types.uint16
+                and isinstance(out, types.Array) and out.dtype == types.float32):
+            return None
+        sig = types.none(w_flat, wi, S, x_flat, xi, steps, pf, out)
+
+        def codegen(context, builder, signature, args):
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            v16i, v16f = ir.VectorType(i32, _LANES), ir.VectorType(f32, _LANES)
+            intp = context.get_value_type(types.intp)
+
+            def data(k):
+                return context.make_array(signature.args[k])(context, builder, args[k]).data
+
+            def idx(k):
+                return context.cast(builder, args[k], signature.args[k], types.intp)
+
+            wdata, xdata, odata = data(0), data(3), data(7)
+            wbase, stride, xbase, count, ahead = idx(1), idx(2), idx(4), idx(5), idx(6)
+
+            def vec(b, ptr, index):
+                return b.load(b.bitcast(b.gep(ptr, [index]), v16i.as_pointer()), align=2)
+
+            def step(b, s, accs):
+                off = b.mul(s, ir.Constant(intp, STEP))
+                accs = list(accs)
+                rows = [b.add(b.add(wbase, b.mul(stride, ir.Constant(intp, j))), off) for j in range(_ROWS)]
+                for j in range(_ROWS):
+                    for line in range(STEP // 32):  # 64 bf16 = two 64-byte lines per row
+                        at = b.add(b.add(rows[j], ahead), ir.Constant(intp, 32 * line))
+                        prefetch_ir(b, b.gep(wdata, [at]), 3)
+                ws = [[vec(b, wdata, b.add(rows[j], ir.Constant(intp, 2 * _LANES * v))) for v in range(2)]
+                      for j in range(_ROWS)]
+                for g in range(G):
+                    xrow = b.add(b.add(xbase, b.mul(stride, ir.Constant(intp, g))), off)
+                    xs = [vec(b, xdata, b.add(xrow, ir.Constant(intp, 2 * _LANES * v))) for v in range(2)]
+                    for j in range(_ROWS):
+                        for v in range(2):
+                            accs[_ROWS * g + j] = _dot_pairs(b, accs[_ROWS * g + j], ws[j][v], xs[v])
+                return accs
+
+            zero = ir.Constant(v16f, [0.0] * _LANES)
+            accs = counted_loop(builder, count, [zero] * (_ROWS * G), step)
+            for k, acc in enumerate(accs):
+                builder.store(hsum_f32(builder, acc), builder.gep(odata, [ir.Constant(intp, k)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
+
+
+_block4, _block2, _block1 = _make_block(4), _make_block(2), _make_block(1)
+
+
+@njit_kernel(parallel=False)
+def _dot_bf16(w_K, x_K, k0, k1):
+    """fp32 dot of two bf16 rows over columns k0:k1 (row tails and the last rows)."""
+    a = np.float32(0.0)
+    for k in range(k0, k1):
+        a += bf16_to_f32(w_K[k]) * bf16_to_f32(x_K[k])
+    return a
+
+
+@njit_kernel(parallel=False)
+def rows_small_bf16dp(x16_TK, w_RK, out_TR, r_lo, r_hi):
+    """Rows r_lo:r_hi of out_TR = x16_TK @ w_RK.T, both bf16 bits (uint16, C-contiguous,
+    the same row length K), in fp32."""
+    T, K = x16_TK.shape
+    flat = w_RK.ravel()
+    x_flat = x16_TK.ravel()
+    steps = K // STEP
+    kt = steps * STEP
+    pf = PF_BYTES // 2
+    o = np.empty(4 * _ROWS, np.float32)
+    r = r_lo
+    while r + _ROWS <= r_hi:
+        t0 = 0
+        while t0 < T:
+            g = 4 if T - t0 >= 4 else (2 if T - t0 >= 2 else 1)
+            # The first group streams the rows from memory (prefetched); later ones find
+            # them in L1/L2.
+            ahead = pf if t0 == 0 else 0
+            if g == 4:
+                _block4(flat, r * K, K, x_flat, t0 * K, steps, ahead, o)
+            elif g == 2:
+                _block2(flat, r * K, K, x_flat, t0 * K, steps, ahead, o)
+            else:
+                _block1(flat, r * K, K, x_flat, t0 * K, steps, ahead, o)
+            for t in range(g):
+                for j in range(_ROWS):
+                    a = o[_ROWS * t + j]
+                    if kt < K:
+                        a += _dot_bf16(w_RK[r + j], x16_TK[t0 + t], kt, K)
+                    out_TR[t0 + t, r + j] = a
+            t0 += g
+        r += _ROWS
+    for r in range(r, r_hi):
+        for t in range(T):
+            out_TR[t, r] = _dot_bf16(w_RK[r], x16_TK[t], 0, K)
+
+
+@njit_kernel()
+def matmul_small_bf16dp(x16_TK, w_RK, out_TR, nch):
+    """out_TR = x16_TK @ w_RK.T (bf16 bits both) in nch chunks of whole 4-row blocks on
+    the thread pool."""
+    R = w_RK.shape[0]
+    if x16_TK.shape[0] == 0 or R == 0:
+        return
+    units = (R + _ROWS - 1) // _ROWS
+    for c in prange(nch):
+        rows_small_bf16dp(x16_TK, w_RK, out_TR, min(R, c * units // nch * _ROWS),
+                          min(R, (c + 1) * units // nch * _ROWS))
