@@ -1,8 +1,5 @@
 """The T == 1 kernels (gemv.py, int4_gemv.py, decode.py) against plain torch / numpy references."""
 import importlib
-import os
-import subprocess
-import sys
 
 import numba
 import numpy as np
@@ -18,6 +15,7 @@ from moe.cpu_kernels.gemv_reg import FOUR_ROW_COLS, gemv_bf16_reg
 from moe.cpu_kernels.int4_gemv import gemv_int4, permute_x
 from moe.cpu_kernels.int4_madd import gemv_int4_madd, permute_x16
 from moe.cpu_kernels.weight_views import weight_info
+from generic_target import run_on_generic_target
 from kernel_tol import BF16, MADD, kernel_tol
 
 expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
@@ -196,12 +194,6 @@ def test_expert_ffn_sees_a_swapped_storage():
                                rtol=1e-4, atol=1e-4)
 
 
-def _run_on_generic_target(code: str) -> None:
-    """Run `code` in a fresh interpreter whose numba compiles for a generic x86-64 CPU."""
-    env = dict(os.environ, NUMBA_CPU_NAME="generic")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
-
-
 def test_int4_generic_lanes_without_avx512():
     """The int4 GEMV compiled for a generic x86-64 target (no lookup-table shuffle) gives dequant(W) x."""
     code = (
@@ -217,7 +209,7 @@ def test_int4_generic_lanes_without_avx512():
         "ref = (q.dequantize() @ torch.from_numpy(x)).numpy()\n"
         "np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)\n"
     )
-    _run_on_generic_target(code)
+    run_on_generic_target(code)
 
 
 def test_register_gemvs_on_a_generic_target():
@@ -256,7 +248,7 @@ def test_register_gemvs_on_a_generic_target():
         "want = (q.dequantize().double() @ torch.from_numpy(x16 * xs).double()).numpy()\n"
         "np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())\n"
     )
-    _run_on_generic_target(code)
+    run_on_generic_target(code)
 
 
 def test_quantize_x16_scale_range_and_bad_values():

@@ -2,9 +2,6 @@
 numpy model of the same integer arithmetic, the fused decode against the torch expert,
 bad values, and the generic (no VNNI) form."""
 import importlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from moe.cpu_kernels.int4_dot8 import DOT8_DECODE, GROUP, LANES, TINY, gemv_int4
 from moe.cpu_kernels.int4_gemv import permute_x
 from moe.cpu_kernels.quant import Int4Weight
 from moe.cpu_kernels.weight_views import weight_info
+from generic_target import run_on_generic_target
 from kernel_tol import DOT8
 
 expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
@@ -218,5 +216,4 @@ def test_gemv_int4_dot8_on_a_generic_target():
         "want = q.dequantize().double().numpy() @ xr\n"
         "np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())\n"
     )
-    env = dict(os.environ, NUMBA_CPU_NAME="generic")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+    run_on_generic_target(code)

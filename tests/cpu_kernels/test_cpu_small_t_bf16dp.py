@@ -1,9 +1,6 @@
 """bf16 x bf16 small-batch matmul by bf16 dot products (small_t_bf16dp.py) against float64
 products, the fp32 small-batch loop, and expert_ffn's use of it."""
 import importlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +9,7 @@ import torch
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference
 from moe.cpu_kernels.small_t import rows_small_bf16
 from moe.cpu_kernels.small_t_bf16dp import BF16DP_SMALL_T, matmul_small_bf16dp, rows_small_bf16dp
+from generic_target import run_on_generic_target
 from kernel_tol import BF16
 
 expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
@@ -87,5 +85,4 @@ def test_generic_target():
         "want = (x.double() @ w.double().T).numpy()\n"
         "np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())\n"
     )
-    env = dict(os.environ, NUMBA_CPU_NAME="generic")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+    run_on_generic_target(code)
