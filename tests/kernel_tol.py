@@ -3,6 +3,8 @@ import torch
 
 from moe.cpu_kernels.gemv_madd import MADD_DECODE
 from moe.cpu_kernels.int4_dot8 import DOT8_DECODE
+from moe.cpu_kernels.small_t_int8dp import INT8DP_SMALL_T
+from moe.cpu_kernels.small_t_int8dp import MIN_T as INT8DP_MIN_T
 
 # Same weights, fp32 accumulation: only the summation order differs.
 FP32 = dict(rtol=1e-4, atol=1e-5)
@@ -26,5 +28,7 @@ def kernel_tol(x_dtype=torch.float32, fmt: str = "", T: int = 1) -> dict:
     if x_dtype == torch.bfloat16:
         return BF16
     if MADD_DECODE and fmt in ("int8", "int4", "int4-128") and T == 1:
+        return MADD
+    if INT8DP_SMALL_T and fmt == "int8" and INT8DP_MIN_T <= T <= 16:  # small_t_int8dp.py: T == 1 rounding
         return MADD
     return FP32
