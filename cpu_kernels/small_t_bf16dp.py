@@ -29,18 +29,17 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic
 
 from .gemv import STEP
 from .int4_dot8 import hsum_f32
-from .ir_loop import counted_loop
 from .numba_util import AVX512BF16, REG_GEMV, njit_kernel
-from .tiles import bf16_to_f32, prefetch_ir
+from .reg_block import ROWS as _ROWS
+from .reg_block import make_block
+from .tiles import bf16_to_f32
 
 __all__ = ["BF16DP_SMALL_T", "rows_small_bf16dp", "matmul_small_bf16dp"]
 
 _LANES = 16
-_ROWS = 4
 # How far ahead the first token group prefetches its rows (elements: 4 KiB), into L1
 # (the later groups read the block again). Cold DeepSeek-V2-Lite bf16 experts at T=4,
 # against the fp32 loop: 1 KiB ahead 0.93x, 4 KiB 1.06-1.09x, 8 KiB into L2 1.07x.
@@ -84,66 +83,17 @@ def _dot_pairs(b: ir.IRBuilder, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.V
     return b.fadd(acc, b.fmul(half(w, False), half(x, False)))
 
 
+def _load16(b: ir.IRBuilder, ptr: ir.Value, index: ir.Value) -> ir.Value:
+    """32 bf16 values (bits) from ptr[index] as <16 x i32>."""
+    v16i = ir.VectorType(ir.IntType(32), _LANES)
+    return b.load(b.bitcast(b.gep(ptr, [index]), v16i.as_pointer()), align=2)
+
+
 def _make_block(G: int):
-    """The register-blocked kernel for groups of G tokens (a compile-time constant)."""
-
-    @intrinsic
-    def block(typingctx, w_flat, wi, S, x_flat, xi, steps, pf, out):
-        """out[4g + j] = sum over k < 64 steps of w_flat[wi + jS + k] * x_flat[xi + gS + k]
-        for g < G tokens, j < 4 rows (bf16 bits, both with row stride S), in fp32; the
-        4 x G lane sums stay in registers (ir_loop.counted_loop). Each step prefetches
-        its rows' lines pf elements ahead (pf = 0: the lines it reads, a no-op). Callers
-        keep every index in bounds."""
-        if not (isinstance(w_flat, types.Array) and w_flat.dtype == types.uint16
-                and isinstance(x_flat, types.Array) and x_flat.dtype == types.uint16
-                and isinstance(out, types.Array) and out.dtype == types.float32):
-            return None
-        sig = types.none(w_flat, wi, S, x_flat, xi, steps, pf, out)
-
-        def codegen(context, builder, signature, args):
-            i32, f32 = ir.IntType(32), ir.FloatType()
-            v16i, v16f = ir.VectorType(i32, _LANES), ir.VectorType(f32, _LANES)
-            intp = context.get_value_type(types.intp)
-
-            def data(k):
-                return context.make_array(signature.args[k])(context, builder, args[k]).data
-
-            def idx(k):
-                return context.cast(builder, args[k], signature.args[k], types.intp)
-
-            wdata, xdata, odata = data(0), data(3), data(7)
-            wbase, stride, xbase, count, ahead = idx(1), idx(2), idx(4), idx(5), idx(6)
-
-            def vec(b, ptr, index):
-                return b.load(b.bitcast(b.gep(ptr, [index]), v16i.as_pointer()), align=2)
-
-            def step(b, s, accs):
-                off = b.mul(s, ir.Constant(intp, STEP))
-                accs = list(accs)
-                rows = [b.add(b.add(wbase, b.mul(stride, ir.Constant(intp, j))), off) for j in range(_ROWS)]
-                for j in range(_ROWS):
-                    for line in range(STEP // 32):  # 64 bf16 = two 64-byte lines per row
-                        at = b.add(b.add(rows[j], ahead), ir.Constant(intp, 32 * line))
-                        prefetch_ir(b, b.gep(wdata, [at]), 3)
-                ws = [[vec(b, wdata, b.add(rows[j], ir.Constant(intp, 2 * _LANES * v))) for v in range(2)]
-                      for j in range(_ROWS)]
-                for g in range(G):
-                    xrow = b.add(b.add(xbase, b.mul(stride, ir.Constant(intp, g))), off)
-                    xs = [vec(b, xdata, b.add(xrow, ir.Constant(intp, 2 * _LANES * v))) for v in range(2)]
-                    for j in range(_ROWS):
-                        for v in range(2):
-                            accs[_ROWS * g + j] = _dot_pairs(b, accs[_ROWS * g + j], ws[j][v], xs[v])
-                return accs
-
-            zero = ir.Constant(v16f, [0.0] * _LANES)
-            accs = counted_loop(builder, count, [zero] * (_ROWS * G), step)
-            for k, acc in enumerate(accs):
-                builder.store(hsum_f32(builder, acc), builder.gep(odata, [ir.Constant(intp, k)]))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return block
+    """The register-blocked kernel (reg_block.py) for groups of G tokens: bf16 bits
+    against bf16 bits by _dot_pairs, each of the 4 x G sums reduced to one float32."""
+    return make_block(G, types.uint16, types.uint16, types.float32, _load16, _load16, _dot_pairs,
+                      lambda: ir.Constant(ir.VectorType(ir.FloatType(), _LANES), [0.0] * _LANES), hsum_f32)
 
 
 _block4, _block2, _block1 = _make_block(4), _make_block(2), _make_block(1)

@@ -27,19 +27,17 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic
 
 from .gemv import STEP
 from .gemv_madd import BLOCK, quantize_x16
-from .ir_loop import counted_loop
 from .numba_util import AVX512VNNI, REG_GEMV, njit_kernel
+from .reg_block import ROWS as _ROWS
+from .reg_block import make_block
 from .small_t import rows_small_int8
-from .tiles import prefetch_ir
 
 __all__ = ["INT8DP_SMALL_T", "MIN_T", "matmul_small_int8dp", "rows_small_int8dp"]
 
 _LANES = 16
-_ROWS = 4
 _PF_BYTES = 4096  # the first token group's prefetch distance, as small_t_bf16dp.py
 # Where expert_ffn takes this path: Zen 4 (numba_util.REG_GEMV on an AVX-512 core)
 # with AVX-512 VNNI, where it was measured, from MIN_T tokens; small_t.py's fp32 loop
@@ -66,67 +64,33 @@ def _dot_pairs16(b: ir.IRBuilder, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir
     return b.add(acc, b.add(even, odd))
 
 
+def _load_q(b: ir.IRBuilder, ptr: ir.Value, index: ir.Value) -> ir.Value:
+    """32 int8 weights from ptr[index], sign-extended to <32 x i16>."""
+    v32b, v32s = ir.VectorType(ir.IntType(8), 2 * _LANES), ir.VectorType(ir.IntType(16), 2 * _LANES)
+    return b.sext(b.load(b.bitcast(b.gep(ptr, [index]), v32b.as_pointer()), align=1), v32s)
+
+
+def _load_x16(b: ir.IRBuilder, ptr: ir.Value, index: ir.Value) -> ir.Value:
+    """32 int16 token values from ptr[index]."""
+    v32s = ir.VectorType(ir.IntType(16), 2 * _LANES)
+    return b.load(b.bitcast(b.gep(ptr, [index]), v32s.as_pointer()), align=2)
+
+
+def _lane_total(b: ir.IRBuilder, acc: ir.Value) -> ir.Value:
+    """The exact int64 sum of 16 int32 lanes."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    tot = ir.Constant(i64, 0)
+    for lane in range(_LANES):
+        tot = b.add(tot, b.sext(b.extract_element(acc, ir.Constant(i32, lane)), i64))
+    return tot
+
+
 def _make_block(G: int):
-    """The register-blocked kernel for groups of G tokens (a compile-time constant)."""
-
-    @intrinsic
-    def block(typingctx, q_flat, wi, S, x16_flat, xi, steps, pf, out):
-        """out[4g + j] = sum over k < 64 steps of q_flat[wi + jS + k] * x16_flat[xi + gS + k]
-        for g < G tokens, j < 4 rows (both with row stride S), exactly, as int64 (callers
-        keep 64 steps <= BLOCK). The 4 x G lane sets stay in registers. Each step
-        prefetches its rows' line pf bytes ahead (0: the line it reads)."""
-        if not (isinstance(q_flat, types.Array) and q_flat.dtype == types.int8
-                and isinstance(x16_flat, types.Array) and x16_flat.dtype == types.int16
-                and isinstance(out, types.Array) and out.dtype == types.int64):
-            return None
-        sig = types.none(q_flat, wi, S, x16_flat, xi, steps, pf, out)
-
-        def codegen(context, builder, signature, args):
-            i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
-            v16i, v32s, v32b = ir.VectorType(i32, _LANES), ir.VectorType(i16, 2 * _LANES), \
-                ir.VectorType(ir.IntType(8), 2 * _LANES)
-            intp = context.get_value_type(types.intp)
-
-            def data(k):
-                return context.make_array(signature.args[k])(context, builder, args[k]).data
-
-            def idx(k):
-                return context.cast(builder, args[k], signature.args[k], types.intp)
-
-            qdata, xdata, odata = data(0), data(3), data(7)
-            wbase, stride, xbase, count, ahead = idx(1), idx(2), idx(4), idx(5), idx(6)
-
-            def load(b, ptr, index, ty, align):
-                return b.load(b.bitcast(b.gep(ptr, [index]), ty.as_pointer()), align=align)
-
-            def step(b, s, accs):
-                off = b.mul(s, ir.Constant(intp, STEP))
-                accs = list(accs)
-                rows = [b.add(b.add(wbase, b.mul(stride, ir.Constant(intp, j))), off) for j in range(_ROWS)]
-                for j in range(_ROWS):  # one 64-byte line per row and step
-                    prefetch_ir(b, b.gep(qdata, [b.add(rows[j], ahead)]), 3)
-                ws = [[b.sext(load(b, qdata, b.add(rows[j], ir.Constant(intp, 2 * _LANES * v)), v32b, 1), v32s)
-                       for v in range(2)] for j in range(_ROWS)]
-                for g in range(G):
-                    xrow = b.add(b.add(xbase, b.mul(stride, ir.Constant(intp, g))), off)
-                    xs = [load(b, xdata, b.add(xrow, ir.Constant(intp, 2 * _LANES * v)), v32s, 2) for v in range(2)]
-                    for j in range(_ROWS):
-                        for v in range(2):
-                            accs[_ROWS * g + j] = _dot_pairs16(b, accs[_ROWS * g + j], ws[j][v], xs[v])
-                return accs
-
-            zero = ir.Constant(v16i, [0] * _LANES)
-            accs = counted_loop(builder, count, [zero] * (_ROWS * G), step)
-            for k, acc in enumerate(accs):
-                tot = ir.Constant(i64, 0)
-                for lane in range(_LANES):
-                    tot = builder.add(tot, builder.sext(builder.extract_element(acc, ir.Constant(i32, lane)), i64))
-                builder.store(tot, builder.gep(odata, [ir.Constant(intp, k)]))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return block
+    """The register-blocked kernel (reg_block.py) for groups of G tokens: int8 weights
+    against the 16-bit token by _dot_pairs16, each of the 4 x G sums an exact int64 (callers
+    keep a call to at most BLOCK columns)."""
+    return make_block(G, types.int8, types.int16, types.int64, _load_q, _load_x16, _dot_pairs16,
+                      lambda: ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES), _lane_total)
 
 
 _block4, _block2, _block1 = _make_block(4), _make_block(2), _make_block(1)

@@ -1,0 +1,88 @@
+"""The register-blocked small-batch loop shared by small_t_bf16dp.py and small_t_int8dp.py:
+4 weight rows x G tokens of partial sums held in registers over a run of 64-column steps.
+
+Shape key: G tokens per group, S row stride (elements; weights and tokens share it).
+
+Each step loads 64 columns of four weight rows once (as two vectors of 32 elements per
+row, widened by the caller's `load_w`), then every token of the group (`load_x`)
+multiplies into its four rows' sums with the caller's dot-product instruction (`dot`).
+The sums are loop-carried values (ir_loop.counted_loop), so they stay in registers; at
+the end each is reduced (`reduce`) and stored. Each step also prefetches its rows' lines
+``pf`` elements ahead (0: the lines it reads, a no-op), for the group that streams the
+rows from memory.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic
+
+from .gemv import STEP
+from .ir_loop import counted_loop
+from .tiles import prefetch_ir
+
+__all__ = ["ROWS", "VEC", "make_block"]
+
+ROWS = 4
+VEC = 32  # elements per loaded vector: two per row and step
+_LINE = 64
+
+
+def make_block(G: int, w_dtype, x_dtype, out_dtype, load_w: Callable, load_x: Callable, dot: Callable,
+               zero: Callable, reduce: Callable):
+    """An intrinsic block(w_flat, wi, S, x_flat, xi, steps, pf, out): for g < G tokens and
+    j < 4 rows, out[4g + j] = reduce(sum over k < 64 steps of w[wi + jS + k] * x[xi + gS + k])
+    as `dot` accumulates it. load_w / load_x(builder, data pointer, index) -> vector;
+    dot(builder, acc, w, x) -> acc; zero() -> the starting sum; reduce(builder, acc) ->
+    the scalar stored. Callers keep every index in bounds."""
+
+    @intrinsic
+    def block(typingctx, w_flat, wi, S, x_flat, xi, steps, pf, out):
+        if not all(isinstance(a, types.Array) and a.dtype == d
+                   for a, d in ((w_flat, w_dtype), (x_flat, x_dtype), (out, out_dtype))):
+            return None
+        sig = types.none(w_flat, wi, S, x_flat, xi, steps, pf, out)
+        per_line = _LINE // (w_dtype.bitwidth // 8)
+
+        def codegen(context, builder, signature, args):
+            intp = context.get_value_type(types.intp)
+
+            def data(k):
+                return context.make_array(signature.args[k])(context, builder, args[k]).data
+
+            def idx(k):
+                return context.cast(builder, args[k], signature.args[k], types.intp)
+
+            def const(v):
+                return ir.Constant(intp, v)
+
+            wdata, xdata, odata = data(0), data(3), data(7)
+            wbase, stride, xbase, count, ahead = idx(1), idx(2), idx(4), idx(5), idx(6)
+
+            def step(b, s, accs):
+                off = b.mul(s, const(STEP))
+                accs = list(accs)
+                rows = [b.add(b.add(wbase, b.mul(stride, const(j))), off) for j in range(ROWS)]
+                for j in range(ROWS):
+                    for line in range(STEP // per_line):
+                        prefetch_ir(b, b.gep(wdata, [b.add(b.add(rows[j], ahead), const(per_line * line))]), 3)
+                ws = [[load_w(b, wdata, b.add(rows[j], const(VEC * v))) for v in range(STEP // VEC)]
+                      for j in range(ROWS)]
+                for g in range(G):
+                    xrow = b.add(b.add(xbase, b.mul(stride, const(g))), off)
+                    xs = [load_x(b, xdata, b.add(xrow, const(VEC * v))) for v in range(STEP // VEC)]
+                    for j in range(ROWS):
+                        for v in range(STEP // VEC):
+                            accs[ROWS * g + j] = dot(b, accs[ROWS * g + j], ws[j][v], xs[v])
+                return accs
+
+            accs = counted_loop(builder, count, [zero()] * (ROWS * G), step)
+            for k, acc in enumerate(accs):
+                builder.store(reduce(builder, acc), builder.gep(odata, [const(k)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block
