@@ -147,19 +147,22 @@ def _chunks2(nch, D):
 # (see "Why addresses" above). numba.get/set_num_threads inside compiled code call the
 # threading layer through ctypes pointers, which numba cannot cache, so these call the
 # layer's C functions by the symbol names numba's own parallel loops use. Those symbols
-# exist once numba has loaded its threading layer, which it does before compiling or
-# loading a parallel function but not a serial one like _threads_enter: hence the load
-# here, at import (it picks the layer and starts the pool that the first kernel call
-# would start anyway).
-_launch_threads()
-
-
+# exist once numba has loaded its threading layer: numba loads it before lowering a
+# parallel function or loading one from its cache, and the typing below loads it too (as
+# numba's own intrinsic for the thread count does). The two helpers are inlined into the
+# pool kernels, so their code is only ever linked inside a parallel function. (Loading
+# the layer at import instead started the pool in every process that imports this
+# module, and a spawned process holding a started pool sometimes aborted at exit.)
 @intrinsic
 def _get_threads(typingctx):
     """The calling thread's numba thread count (C: int get_num_threads(void))."""
+    _launch_threads()
+
     def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "get_num_threads")
-        return builder.sext(builder.call(fn, []), ir.IntType(64))
+        # Declared as numba's parallel loops declare it (returning intp): one module may
+        # hold both. The C function returns an int, so only the low 32 bits are read.
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []), "get_num_threads")
+        return builder.sext(builder.trunc(builder.call(fn, []), ir.IntType(32)), ir.IntType(64))
     return types.int64(), codegen
 
 
@@ -168,6 +171,7 @@ def _set_threads(typingctx, n):
     """Set the calling thread's numba thread count (C: void set_num_threads(int))."""
     if not isinstance(n, types.Integer):
         return None
+    _launch_threads()
 
     def codegen(context, builder, signature, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]),
@@ -178,7 +182,7 @@ def _set_threads(typingctx, n):
     return types.none(n), codegen
 
 
-@njit_kernel(parallel=False)
+@numba.njit(inline="always", nogil=True)
 def _threads_enter(nch):
     """(chunks, thread count to restore after the call or 0) for a pool kernel's nch:
     > 0 that many chunks on the current threads; 0 one chunk per current thread; < 0 a
@@ -193,7 +197,7 @@ def _threads_enter(nch):
     return -nch, cur
 
 
-@njit_kernel(parallel=False)
+@numba.njit(inline="always", nogil=True)
 def _threads_leave(prev):
     if prev > 0:
         _set_threads(prev)
