@@ -48,7 +48,7 @@ from numba.core.extending import intrinsic
 
 from .gemv_madd import PF_BYTES
 from .int4_kernels import _int4_tail_dot
-from .ir_loop import counted_loop
+from .ir_loop import counted_loop, hsum_f32
 from .numba_util import AVX512VNNI, REG_GEMV, njit_kernel
 from .tiles import prefetch_ir
 
@@ -124,19 +124,6 @@ def _byte_dots(b: ir.IRBuilder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.V
         part = b.shuffle_vector(prod, undef, ir.Constant(v16, [4 * j + k for j in range(LANES)]))
         acc = b.add(acc, part)
     return acc
-
-
-def hsum_f32(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """The sum of a float vector's lanes by halving (log2(n) dependent adds, not n): a row
-    ends with it, and the sequential form's chain of 16 adds cost ~50 cycles per row."""
-    n = v.type.count
-    i32 = ir.IntType(32)
-    while n > 1:
-        n //= 2
-        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
-        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n))))
-        v = b.fadd(lo, hi)
-    return b.extract_element(v, ir.Constant(i32, 0))
 
 
 @intrinsic

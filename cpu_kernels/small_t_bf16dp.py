@@ -31,7 +31,7 @@ from numba import prange, types
 from numba.core import cgutils
 
 from .gemv import STEP
-from .int4_dot8 import hsum_f32
+from .ir_loop import hsum_f32
 from .numba_util import AVX512BF16, REG_GEMV, njit_kernel
 from .reg_block import ROWS as _ROWS
 from .reg_block import make_block
