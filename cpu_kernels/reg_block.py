@@ -8,8 +8,11 @@ row, widened by the caller's `load_w`), then every token of the group (`load_x`)
 multiplies into its four rows' sums with the caller's dot-product instruction (`dot`).
 The sums are loop-carried values (ir_loop.counted_loop), so they stay in registers; at
 the end each is reduced (`reduce`) and stored. Each step also prefetches its rows' lines
-``pf`` elements ahead (0: the lines it reads, a no-op), for the group that streams the
-rows from memory.
+``pf`` elements ahead into L2 (0: the lines it reads, a no-op), for the group that
+streams the rows from memory. Into L2, not L1: 8 KiB ahead into L1 (prefetcht0) left
+cold DeepSeek-V2-Lite int8 experts at T=2..4 slower than small_t.py's fp32 loop
+(0.87-0.95x); into L2 they ran 1.32-1.54x faster than it (bf16: 1.03-1.12x over 4 KiB
+into L1; int4, small_t_int4dp.py: 1.2-1.7x).
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def make_block(G: int, w_dtype, x_dtype, out_dtype, load_w: Callable, load_x: Ca
                 rows = [b.add(b.add(wbase, b.mul(stride, const(j))), off) for j in range(ROWS)]
                 for j in range(ROWS):
                     for line in range(STEP // per_line):
-                        prefetch_ir(b, b.gep(wdata, [b.add(b.add(rows[j], ahead), const(per_line * line))]), 3)
+                        prefetch_ir(b, b.gep(wdata, [b.add(b.add(rows[j], ahead), const(per_line * line))]), 2)
                 ws = [[load_w(b, wdata, b.add(rows[j], const(VEC * v))) for v in range(STEP // VEC)]
                       for j in range(ROWS)]
                 for g in range(G):

@@ -40,10 +40,10 @@ from .tiles import bf16_to_f32
 __all__ = ["BF16DP_SMALL_T", "rows_small_bf16dp", "matmul_small_bf16dp"]
 
 _LANES = 16
-# How far ahead the first token group prefetches its rows (elements: 4 KiB), into L1
-# (the later groups read the block again). Cold DeepSeek-V2-Lite bf16 experts at T=4,
-# against the fp32 loop: 1 KiB ahead 0.93x, 4 KiB 1.06-1.09x, 8 KiB into L2 1.07x.
-_PF_ELEMS = 2048
+# How far ahead the first token group prefetches its rows (elements: 8 KiB), into L2
+# (reg_block.py; the later groups read the block again). Cold DeepSeek-V2-Lite bf16
+# experts, 8 KiB into L2 against 4 KiB into L1: T=2 1.12x, T=4 1.06x, T=16 1.03x.
+_PF_ELEMS = 4096
 # Where expert_ffn takes this path: Zen 4 (numba_util.REG_GEMV on an AVX-512 core) with
 # AVX-512 BF16, where it was measured; small_t.py's fp32 loop elsewhere.
 BF16DP_SMALL_T = REG_GEMV and AVX512BF16

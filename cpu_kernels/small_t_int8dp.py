@@ -38,14 +38,15 @@ from .small_t import rows_small_int8
 __all__ = ["INT8DP_SMALL_T", "MIN_T", "matmul_small_int8dp", "rows_small_int8dp"]
 
 _LANES = 16
-_PF_BYTES = 4096  # the first token group's prefetch distance, as small_t_bf16dp.py
+_PF_BYTES = 8192  # the first token group's prefetch distance (into L2, reg_block.py)
 # Where expert_ffn takes this path: Zen 4 (numba_util.REG_GEMV on an AVX-512 core)
 # with AVX-512 VNNI, where it was measured, from MIN_T tokens; small_t.py's fp32 loop
 # elsewhere. Cold DeepSeek-V2-Lite int8 experts through expert_ffn, against the fp32
-# loop: T=2 0.87x, T=4 0.95x (bound by the weight stream, which the fp32 loop's
-# prefetch serves better), T=8 1.02x, T=16 1.29x; Mixtral T=16 1.66x.
+# loop, with the first group's prefetch 4 KiB ahead into L1: T=2 0.87x, T=4 0.95x,
+# T=8 1.02x, T=16 1.29x (Mixtral T=16 1.66x); 8 KiB ahead into L2 then gave T=2 1.34x,
+# T=4 1.46x, T=8 1.37x, T=16 1.24x over that (Mixtral T=4 1.11x, T=16 1.01x).
 INT8DP_SMALL_T = REG_GEMV and AVX512VNNI
-MIN_T = 8
+MIN_T = 2
 
 
 def _dot_pairs16(b: ir.IRBuilder, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
