@@ -17,8 +17,10 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
 each block of four weight rows once into registers and applies it to every token; larger
 T goes through fp32 scratch chunks and register tiles (tiles.py). On Zen 4 (AVX-512 BF16)
 a bf16 token against bf16 w13 at 2 <= T <= 16 takes bf16 dot products instead
-(small_t_bf16dp.py: exact products, fp32 sums), and int8 weights at 8 <= T <= 16 16-bit
-integer dot products against the token rounded as at T == 1 (small_t_int8dp.py, VNNI).
+(small_t_bf16dp.py: exact products, fp32 sums), int8 weights 16-bit integer dot products
+against the token rounded as at T == 1 (small_t_int8dp.py, VNNI), and int4 (group 128)
+byte dot products against the token rounded to 8 bits per group as at T == 1
+(small_t_int4dp.py, VNNI).
 
 T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode path
 (decode.py): the whole expert in one kernel call with at most one thread-pool launch,
@@ -52,6 +54,8 @@ from .small_t_bf16dp import BF16DP_SMALL_T, matmul_small_bf16dp, rows_small_bf16
 from .small_t_int8dp import INT8DP_SMALL_T, matmul_small_int8dp
 from .small_t_int8dp import MIN_T as INT8DP_MIN_T
 from .small_t_int4 import SMALL_T, matmul_small_int4, matmul_small_int4_serial
+from .small_t_int4dp import INT4DP_SMALL_T, matmul_small_int4dp
+from .small_t_int4dp import MIN_T as INT4DP_MIN_T
 from .tiles import narrow_to_bf16, swiglu_rows, widen_bf16
 from .numba_util import launch_guard, launches_concurrent, max_threads, thread_cap, thread_cap_check
 from .quant import Int4Weight, Int8Weight
@@ -142,6 +146,13 @@ def _int8dp(x_TK: np.ndarray) -> bool:
     return INT8DP_SMALL_T and INT8DP_MIN_T <= x_TK.shape[0] <= SMALL_T
 
 
+def _int4dp(x_TK: np.ndarray) -> bool:
+    """Whether int4 weights (group 128) against these tokens take byte dot products
+    against 8-bit tokens (small_t_int4dp.py): INT4DP_MIN_T <= T <= SMALL_T on the hosts
+    of INT4DP_SMALL_T."""
+    return INT4DP_SMALL_T and INT4DP_MIN_T <= x_TK.shape[0] <= SMALL_T
+
+
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """out_TR = x_TK @ w.T with the kernel for w's format."""
     nthreads = numba.get_num_threads()
@@ -151,7 +162,9 @@ def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     # One contiguous row range per thread (numba's prange schedule is static anyway).
     nch = max(1, min(out_TR.shape[1], nthreads))
     small = _small_int4_views(x_TK, w)
-    if small is not None:
+    if small is not None and _int4dp(x_TK):
+        matmul_small_int4dp(x_TK, *small, out_TR, nch)
+    elif small is not None:
         matmul_small_int4(x_TK, *small, out_TR, nch)
     elif isinstance(w, Int8Weight) and _int8dp(x_TK):
         matmul_small_int8dp(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, nch)
@@ -181,7 +194,9 @@ def _matmul_serial(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
     """_matmul on the calling thread, without waking numba's thread pool."""
     R = out_TR.shape[1]
     small = _small_int4_views(x_TK, w)
-    if small is not None:
+    if small is not None and _int4dp(x_TK):
+        matmul_small_int4dp(x_TK, *small, out_TR, 1)  # 1: no launch
+    elif small is not None:
         matmul_small_int4_serial(x_TK, *small, out_TR)
     elif isinstance(w, Int8Weight) and _int8dp(x_TK):
         matmul_small_int8dp(x_TK, w.q_RC.numpy(), w.scale_R.numpy(), out_TR, 1)  # 1: no launch

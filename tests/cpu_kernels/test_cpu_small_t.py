@@ -8,10 +8,8 @@ import torch
 from moe.cpu_kernels import expert_ffn, expert_ffn_reference, quantize
 from moe.cpu_kernels.small_t import SMALL_T, rows_small_bf16, rows_small_f32, rows_small_int8
 from moe.cpu_kernels.small_t_int4 import matmul_small_int4, matmul_small_int4_serial
-from moe.cpu_kernels.small_t_int8dp import INT8DP_SMALL_T
-from moe.cpu_kernels.small_t_int8dp import MIN_T as INT8DP_MIN_T
 from moe.cpu_kernels.weight_views import weight_info
-from kernel_tol import MADD
+from kernel_tol import kernel_tol
 
 expert_ffn_module = importlib.import_module("moe.cpu_kernels.expert_ffn")
 
@@ -88,8 +86,8 @@ def test_expert_ffn_small_batches(T, fmt, serial_bytes, monkeypatch):
         w13, w2 = w13.bfloat16(), w2.bfloat16()
     elif fmt != "fp32":
         w13, w2 = quantize(w13, fmt), quantize(w2, fmt)
-    # int8 at MIN_T <= T <= SMALL_T rounds the token to 16 bits where small_t_int8dp.py runs.
-    f32_tol = MADD if fmt == "int8" and INT8DP_SMALL_T and INT8DP_MIN_T <= T <= SMALL_T else TOL
-    for x_dtype, tol in ((torch.float32, f32_tol), (torch.bfloat16, dict(rtol=1.6e-2, atol=1e-3))):
+    # kernel_tol: int8 and int4 round the token where small_t_int8dp.py / small_t_int4dp.py run.
+    for x_dtype in (torch.float32, torch.bfloat16):
         x_TD = torch.randn(T, D, generator=g).to(x_dtype)
-        torch.testing.assert_close(expert_ffn(x_TD, w13, w2), expert_ffn_reference(x_TD, w13, w2), **tol)
+        ref = expert_ffn_reference(x_TD, w13, w2)
+        torch.testing.assert_close(expert_ffn(x_TD, w13, w2), ref, **kernel_tol(x_dtype, fmt, T, ref))
