@@ -15,12 +15,12 @@ Pipeline (every stage accumulates in fp32; weights are streamed once per call):
 
 2 <= T <= 16 (small_t.py, small_t_int4.py: fp32, bf16, int8, int4 group 128) decodes
 each block of four weight rows once into registers and applies it to every token; larger
-T goes through fp32 scratch chunks and register tiles (tiles.py). On Zen 4 (AVX-512 BF16)
-a bf16 token against bf16 w13 at 2 <= T <= 16 takes bf16 dot products instead
-(small_t_bf16dp.py: exact products, fp32 sums), int8 weights 16-bit integer dot products
-against the token rounded as at T == 1 (small_t_int8dp.py, VNNI), and int4 (group 128)
-byte dot products against the token rounded to 8 bits per group as at T == 1
-(small_t_int4dp.py, VNNI).
+T goes through fp32 scratch chunks and register tiles (tiles.py). On Zen 4 (AVX-512
+VNNI and BF16), at every T >= 2, a bf16 token against bf16 w13 takes bf16 dot products
+instead (small_t_bf16dp.py: exact products, fp32 sums), int8 weights 16-bit integer dot
+products against the token rounded as at T == 1 (small_t_int8dp.py), and int4 (group
+128) byte dot products against the token rounded to 8 bits per group as at T == 1
+(small_t_int4dp.py): 1.5-3.7x the tiles at T = 32..2048.
 
 T == 1 with both weights bf16, int8 or int4 (group 128) takes the fused decode path
 (decode.py): the whole expert in one kernel call with at most one thread-pool launch,
@@ -133,8 +133,10 @@ else:
 
 
 def _small_int4_views(x_TK: np.ndarray, w: Weight) -> tuple | None:
-    """The (packed, words, scales) views when w takes the small-T int4 kernel, else None."""
-    if not isinstance(w, Int4Weight) or not 2 <= x_TK.shape[0] <= SMALL_T:
+    """The (packed, words, scales) views when w takes a register-blocked int4 kernel
+    (small_t_int4dp.py, or small_t_int4.py up to SMALL_T tokens), else None."""
+    T = x_TK.shape[0]
+    if not isinstance(w, Int4Weight) or T < 2 or (T > SMALL_T and not _int4dp(x_TK)):
         return None
     info = weight_info(w, "w")
     return info.views if info.fmt == "int4" else None
@@ -142,15 +144,15 @@ def _small_int4_views(x_TK: np.ndarray, w: Weight) -> tuple | None:
 
 def _int8dp(x_TK: np.ndarray) -> bool:
     """Whether int8 weights against these tokens take 16-bit integer dot products
-    (small_t_int8dp.py): INT8DP_MIN_T <= T <= SMALL_T on the hosts of INT8DP_SMALL_T."""
-    return INT8DP_SMALL_T and INT8DP_MIN_T <= x_TK.shape[0] <= SMALL_T
+    (small_t_int8dp.py): T >= INT8DP_MIN_T on the hosts of INT8DP_SMALL_T."""
+    return INT8DP_SMALL_T and x_TK.shape[0] >= INT8DP_MIN_T
 
 
 def _int4dp(x_TK: np.ndarray) -> bool:
     """Whether int4 weights (group 128) against these tokens take byte dot products
-    against 8-bit tokens (small_t_int4dp.py): INT4DP_MIN_T <= T <= SMALL_T on the hosts
-    of INT4DP_SMALL_T."""
-    return INT4DP_SMALL_T and INT4DP_MIN_T <= x_TK.shape[0] <= SMALL_T
+    against 8-bit tokens (small_t_int4dp.py): T >= INT4DP_MIN_T on the hosts of
+    INT4DP_SMALL_T."""
+    return INT4DP_SMALL_T and x_TK.shape[0] >= INT4DP_MIN_T
 
 
 def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
@@ -179,7 +181,7 @@ def _matmul(x_TK: np.ndarray, w: Weight, out_TR: np.ndarray) -> None:
 
 
 def _matmul_bf16dp(x16_TK: np.ndarray, w: torch.Tensor, out_TR: np.ndarray) -> None:
-    """out_TR = x16_TK @ w.T for bf16 token bits and bf16 weights, 2 <= T <= SMALL_T, by
+    """out_TR = x16_TK @ w.T for bf16 token bits and bf16 weights, T >= 2, by
     bf16 dot products (small_t_bf16dp.py), on the pool or the calling thread as _matmul."""
     w_RK = w.detach().view(torch.int16).numpy().view(np.uint16)
     R = out_TR.shape[1]
@@ -286,7 +288,7 @@ def expert_ffn(x_TD: torch.Tensor, w13: Weight, w2: Weight, out: torch.Tensor | 
         yf_TD = y_TD.numpy()
     with thread_cap(num_threads), launch_guard():
         x16_TD = x_TD.view(torch.int16).numpy().view(np.uint16) if bf16 else None
-        if bf16 and BF16DP_SMALL_T and 2 <= T <= SMALL_T and isinstance(w13, torch.Tensor) \
+        if bf16 and BF16DP_SMALL_T and T >= 2 and isinstance(w13, torch.Tensor) \
                 and w13.dtype == torch.bfloat16:
             _matmul_bf16dp(x16_TD, w13, gu_T2F)  # bf16 token x bf16 weights: exact products
         else:

@@ -23,14 +23,27 @@ from numba import types
 from numba.core.extending import intrinsic
 
 from .gemv import STEP
+from .numba_util import njit_kernel
 from .ir_loop import counted_loop
 from .tiles import prefetch_ir
 
-__all__ = ["ROWS", "VEC", "make_block"]
+__all__ = ["PANEL_BYTES", "ROWS", "VEC", "make_block", "token_panel"]
 
 ROWS = 4
 VEC = 32  # elements per loaded vector: two per row and step
 _LINE = 64
+# The bytes of token data a panel may hold: each 4-row block passes over every token
+# group of the panel, so the panel should stay in L2 (1 MiB per core on Zen 4; half of
+# it leaves room for the weight rows streaming through).
+PANEL_BYTES = 512 << 10
+
+
+@njit_kernel(parallel=False)
+def token_panel(T, bytes_per_token):
+    """Tokens per panel for the kernels' token loops: a multiple of 4 whose data fits
+    PANEL_BYTES (at least 4), or T when all of them fit; at least 1."""
+    n = max(4, PANEL_BYTES // max(bytes_per_token, 1) // 4 * 4)
+    return max(1, min(T, n))
 
 
 def make_block(G: int, w_dtype, x_dtype, out_dtype, load_w: Callable, load_x: Callable, dot: Callable,

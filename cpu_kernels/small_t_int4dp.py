@@ -1,4 +1,4 @@
-"""Small-batch (2 <= T <= SMALL_T) matmul for int4 weights (group 128) by byte dot
+"""Small-batch (T >= 2) matmul for int4 weights (group 128) by byte dot
 products (vpdpbusd, AVX-512 VNNI) against each token rounded to 8 bits per group as at
 T == 1 (int4_dot8.py): out_TR[t, r] = sum over groups g of scale[r, g] * ts[t, g] *
 (v[r, g] . x8[t, g]) (+ the fp32 tail).
@@ -16,6 +16,13 @@ each), one conversion and one multiply-add with the group's scale product per ro
 four vector operations per token, row and group of 128 weights against eight. The
 sums of 4 tokens x 4 rows stay in registers over the whole row (`_block`), as in
 small_t_bf16dp.py.
+
+Any T >= 2 takes it where expert_ffn selects it, not only small batches: the dot
+products do twice the work per instruction of the fp32 FMAs in tiles.py's register
+tiles, and cold DeepSeek-V2-Lite experts at T = 32..2048 ran 1.6-1.9x (int8), 2.2-3.7x
+(int4) and 1.5-1.6x (bf16) that path. The tokens go in panels that stay in L2 while
+every row block of a thread's range passes over them (reg_block.token_panel; T = 2048:
+1.07-1.09x over one panel).
 
 Per 4-row block and token group the scale products s[r + j, g] * ts[t, g] are formed
 beforehand as 16 rows of Gf (a vectorised loop, ~1/128 of the dot work) and read in the
@@ -46,7 +53,7 @@ from .int4_gemv import permute_x
 from .int4_kernels import _int4_tail_dot
 from .ir_loop import counted_loop, hsum_f32
 from .numba_util import njit_kernel
-from .small_t import SMALL_T
+from .reg_block import token_panel
 from .small_t_int4 import _permute, _rows
 from .tiles import prefetch_ir
 
@@ -147,25 +154,14 @@ _block4, _block2, _block1 = _make_block(4), _make_block(2), _make_block(1)
 
 
 @njit_kernel(parallel=False)
-def rows_small_int4dp(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_RG, out_TR, r_lo, r_hi):
-    """Rows r_lo:r_hi of out_TR = x_TK @ dequant(p_RP, scale_RG).T, the full groups against
-    the tokens' 8-bit forms (x8_TK, ts_TG, corr_TGL from quantize_x8 per token), the
-    shorter last group against x_TK in fp32 (xsum_TG: its group sums, permute_x).
-    w_RW: p_RP viewed as int32 words (P % 4 == 0)."""
-    T, K = x_TK.shape
-    Gf = K // GROUP
-    S = w_RW.shape[1]
-    tail = K > Gf * GROUP
-    flat = w_RW.ravel()
-    x8_flat = x8_TK.ravel()
-    c_flat = corr_TGL.ravel()
-    sp = np.empty(_ROWS * 4 * max(Gf, 1), np.float32)
-    o = np.empty(_ROWS * 4, np.float32)
+def _panel_rows(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_RG, out_TR, r_lo, r_hi, c0, c1,
+                flat, x8_flat, c_flat, sp, o, Gf, S, K, tail):
+    """The whole 4-row blocks of rows r_lo:r_hi for tokens c0:c1 (rows_small_int4dp)."""
     r = r_lo
     while r + _ROWS <= r_hi:
-        t0 = 0
-        while t0 < T:
-            n = 4 if T - t0 >= 4 else (2 if T - t0 >= 2 else 1)
+        t0 = c0
+        while t0 < c1:
+            n = 4 if c1 - t0 >= 4 else (2 if c1 - t0 >= 2 else 1)
             for t in range(n):
                 for j in range(_ROWS):
                     s_G = scale_RG[r + j]
@@ -175,7 +171,7 @@ def rows_small_int4dp(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_R
                         sp[base + g] = s_G[g] * ts_G[g]
             # The first token group streams the rows from memory (prefetched ahead);
             # later groups find them in L1/L2.
-            ahead = _PF_BYTES if t0 == 0 else 0
+            ahead = _PF_BYTES if t0 == c0 else 0
             if n == 4:
                 _block4(flat, r * S, S, x8_flat, t0 * K, K, c_flat, t0 * Gf * LANES, sp, Gf, Gf, ahead, o)
             elif n == 2:
@@ -190,6 +186,31 @@ def rows_small_int4dp(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_R
                     out_TR[t0 + t, r + j] = a
             t0 += n
         r += _ROWS
+
+
+@njit_kernel(parallel=False)
+def rows_small_int4dp(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_RG, out_TR, r_lo, r_hi):
+    """Rows r_lo:r_hi of out_TR = x_TK @ dequant(p_RP, scale_RG).T, the full groups against
+    the tokens' 8-bit forms (x8_TK, ts_TG, corr_TGL from quantize_x8 per token), the
+    shorter last group against x_TK in fp32 (xsum_TG: its group sums, permute_x).
+    w_RW: p_RP viewed as int32 words (P % 4 == 0)."""
+    T, K = x_TK.shape
+    Gf = K // GROUP
+    S = w_RW.shape[1]
+    tail = K > Gf * GROUP
+    flat = w_RW.ravel()
+    x8_flat = x8_TK.ravel()
+    c_flat = corr_TGL.ravel()
+    sp = np.empty(_ROWS * 4 * max(Gf, 1), np.float32)
+    o = np.empty(_ROWS * 4, np.float32)
+    # Tokens in panels whose 8-bit forms (K + K / 2 bytes each with corr) stay in L2
+    # while every row block of the range passes over them (reg_block.token_panel).
+    panel = token_panel(T, K + K // 2)
+    for c0 in range(0, T, panel):
+        c1 = min(T, c0 + panel)
+        _panel_rows(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_RG, out_TR, r_lo, r_hi,
+                    c0, c1, flat, x8_flat, c_flat, sp, o, Gf, S, K, tail)
+    r = r_lo + (r_hi - r_lo) // _ROWS * _ROWS
     if r < r_hi:  # fewer than four rows left: the T == 1 GEMV per token
         for t in range(T):
             gemv_int4_dot8(x8_TK[t], ts_TG[t], corr_TGL[t], x_TK[t], xsum_TG[t], p_RP, w_RW, scale_RG,
@@ -229,8 +250,8 @@ def _rows_either(ok, x_TK, xp_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, s
 
 @njit_kernel()
 def matmul_small_int4dp(x_TK, p_RP, w_RW, scale_RG, out_TR, nch):
-    """out_TR = x_TK @ dequant(p_RP, scale_RG).T (group 128) for fp32 tokens x_TK (2 <= T
-    <= SMALL_T), in nch chunks of whole 4-row blocks on the thread pool (nch = 1: on the
+    """out_TR = x_TK @ dequant(p_RP, scale_RG).T (group 128) for fp32 tokens x_TK (any
+    T), in nch chunks of whole 4-row blocks on the thread pool (nch = 1: on the
     calling thread, no launch). A token holding inf or NaN in a full group sends the
     whole call to small_t_int4.py's fp32 loop."""
     R = p_RP.shape[0]

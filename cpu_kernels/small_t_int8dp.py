@@ -1,4 +1,4 @@
-"""Small-batch (2 <= T <= SMALL_T) matmul for int8 weights by 16-bit integer dot
+"""Small-batch (T >= 2) matmul for int8 weights by 16-bit integer dot
 products (vpdpwssd, AVX-512 VNNI): out_TR = x_TK @ (q_RK * scale_R[:, None]).T with
 each token rounded to 16-bit fixed point as at T == 1 (gemv_madd.quantize_x16).
 
@@ -11,6 +11,13 @@ and at T = 16 int8 measured 0.85-0.92x torch. Here 32 weights are sign-extended 
 16 bits once per token group, and one vpdpwssd multiplies them by 32 token values and
 adds pairs into 16 int32 lanes; the lanes of 4 tokens x 4 rows stay in registers over
 a block of columns (`_block`), as in small_t_bf16dp.py.
+
+Any T >= 2 takes it where expert_ffn selects it, not only small batches: the dot
+products do twice the work per instruction of the fp32 FMAs in tiles.py's register
+tiles, and cold DeepSeek-V2-Lite experts at T = 32..2048 ran 1.6-1.9x (int8), 2.2-3.7x
+(int4) and 1.5-1.6x (bf16) that path. The tokens go in panels that stay in L2 while
+every row block of a thread's range passes over them (reg_block.token_panel; T = 2048:
+1.07-1.09x over one panel).
 
 Numerics: those of the T == 1 path on the same hosts (gemv_madd.py): the token is
 x16 * xs with xs a power of two (|x16| <= 32767), products are summed exactly in int32
@@ -32,7 +39,7 @@ from .gemv import STEP
 from .gemv_madd import BLOCK, quantize_x16
 from .numba_util import AVX512VNNI, REG_GEMV, njit_kernel
 from .reg_block import ROWS as _ROWS
-from .reg_block import make_block
+from .reg_block import make_block, token_panel
 from .small_t import rows_small_int8
 
 __all__ = ["INT8DP_SMALL_T", "MIN_T", "matmul_small_int8dp", "rows_small_int8dp"]
@@ -115,36 +122,42 @@ def rows_small_int8dp(x16_TK, xs_T, q_RK, scale_R, out_TR, r_lo, r_hi):
     x_flat = x16_TK.ravel()
     o = np.empty(4 * _ROWS, np.int64)
     tot = np.empty(4 * _ROWS, np.float64)
-    r = r_lo
-    while r + _ROWS <= r_hi:
-        t0 = 0
-        while t0 < T:
-            g = 4 if T - t0 >= 4 else (2 if T - t0 >= 2 else 1)
-            tot[:] = 0.0
-            for b0 in range(0, K, BLOCK):
-                b1 = min(K, b0 + BLOCK)
-                steps = (b1 - b0) // STEP
-                # The first group streams the rows from memory (prefetched ahead);
-                # later groups find them in L1/L2.
-                ahead = _PF_BYTES if t0 == 0 else 0
-                if g == 4:
-                    _block4(flat, r * K + b0, K, x_flat, t0 * K + b0, steps, ahead, o)
-                elif g == 2:
-                    _block2(flat, r * K + b0, K, x_flat, t0 * K + b0, steps, ahead, o)
-                else:
-                    _block1(flat, r * K + b0, K, x_flat, t0 * K + b0, steps, ahead, o)
-                k0 = b0 + steps * STEP
+    # Tokens in panels that stay in L2 while every row block of the range passes over
+    # them (reg_block.token_panel).
+    panel = token_panel(T, 2 * K)
+    for c0 in range(0, T, panel):
+        c1 = min(T, c0 + panel)
+        r = r_lo
+        while r + _ROWS <= r_hi:
+            t0 = c0
+            while t0 < c1:
+                g = 4 if c1 - t0 >= 4 else (2 if c1 - t0 >= 2 else 1)
+                tot[:] = 0.0
+                for b0 in range(0, K, BLOCK):
+                    b1 = min(K, b0 + BLOCK)
+                    steps = (b1 - b0) // STEP
+                    # The first group streams the rows from memory (prefetched ahead);
+                    # later groups find them in L1/L2.
+                    ahead = _PF_BYTES if t0 == c0 else 0
+                    if g == 4:
+                        _block4(flat, r * K + b0, K, x_flat, t0 * K + b0, steps, ahead, o)
+                    elif g == 2:
+                        _block2(flat, r * K + b0, K, x_flat, t0 * K + b0, steps, ahead, o)
+                    else:
+                        _block1(flat, r * K + b0, K, x_flat, t0 * K + b0, steps, ahead, o)
+                    k0 = b0 + steps * STEP
+                    for t in range(g):
+                        for j in range(_ROWS):
+                            d = o[_ROWS * t + j]
+                            if k0 < b1:
+                                d += _dot_exact(q_RK[r + j], x16_TK[t0 + t], k0, b1)
+                            tot[_ROWS * t + j] += float(d)
                 for t in range(g):
                     for j in range(_ROWS):
-                        d = o[_ROWS * t + j]
-                        if k0 < b1:
-                            d += _dot_exact(q_RK[r + j], x16_TK[t0 + t], k0, b1)
-                        tot[_ROWS * t + j] += float(d)
-            for t in range(g):
-                for j in range(_ROWS):
-                    out_TR[t0 + t, r + j] = np.float32(tot[_ROWS * t + j] * xs_T[t0 + t] * scale_R[r + j])
-            t0 += g
-        r += _ROWS
+                        out_TR[t0 + t, r + j] = np.float32(tot[_ROWS * t + j] * xs_T[t0 + t] * scale_R[r + j])
+                t0 += g
+            r += _ROWS
+    r = r_lo + (r_hi - r_lo) // _ROWS * _ROWS
     for r in range(r, r_hi):
         for t in range(T):
             acc = 0.0
@@ -169,8 +182,8 @@ def _tokens16(x_TK):
 
 @njit_kernel()
 def matmul_small_int8dp(x_TK, q_RK, scale_R, out_TR, nch):
-    """out_TR = x_TK @ (q_RK * scale_R[:, None]).T for fp32 tokens x_TK (2 <= T <=
-    SMALL_T), in nch chunks of whole 4-row blocks on the thread pool (nch = 1: on the
+    """out_TR = x_TK @ (q_RK * scale_R[:, None]).T for fp32 tokens x_TK (any T),
+    in nch chunks of whole 4-row blocks on the thread pool (nch = 1: on the
     calling thread, no launch). A token holding inf or NaN sends the whole call to
     small_t.py's fp32 loop."""
     R = q_RK.shape[0]

@@ -7,6 +7,7 @@ import transformers as T
 
 import moe
 from moe.config import CACHE_POLICIES, SCHEDULERS
+from kernel_tol import kernel_tol
 from tiny_models import expert_bytes, non_expert_bytes, save_tiny
 
 
@@ -88,8 +89,10 @@ def test_gate_lookahead_prefetch_is_lossless_and_used(ckpt, reference, policy, g
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_cpu_experts_match_dequantized_reference(ckpt, reference, scheme):
-    """Quantized CPU experts compute exactly the model whose experts are the dequantized
-    weights (so the only change is the quantization error itself)."""
+    """Quantized CPU experts compute the model whose experts are the dequantized weights
+    (so the only change is the quantization error itself): exactly for int4 at group 32,
+    and for int8 up to the 16-bit rounding of the token where the kernels use it
+    (kernel_tol.MADD: ~1e-4 relative, against ~1e-2 from the int8 weights)."""
     from moe.cpu_kernels import quantize
 
     ids, logits, _, budget = reference
@@ -105,8 +108,11 @@ def test_quantized_cpu_experts_match_dequantized_reference(ckpt, reference, sche
     model = moe.from_pretrained(ckpt, gpu_memory=budget, device="cpu", dtype=torch.float32, config=cfg)
     with torch.no_grad():
         out = model(ids).logits
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(out, logits, rtol=1e-4, atol=1e-4)  # it really was quantized
+    tol = dict(rtol=1e-4, atol=1e-4)
+    if scheme == "int8":
+        tol = {k: max(v, kernel_tol(torch.float32, "int8", 2)[k]) for k, v in tol.items()}
+    torch.testing.assert_close(out, want, **tol)
+    assert not torch.allclose(out, logits, **tol)  # it really was quantized
     assert moe.stats(model)["cpu_expert_calls"] > 0
     rt = moe.wrapper.runtime_of(model)  # the planner sees the packed copy's smaller reads
     assert rt.cpu_expert_bytes == rt.store.cpu_expert_bytes < rt.store.expert_bytes / 2

@@ -20,9 +20,10 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 
 # Token counts through every group split (4, 2, 1), row counts that are not a multiple of
-# four, rows shorter than one 64-column step, with a column tail, and real lengths.
+# four, rows shorter than one 64-column step, with a column tail, real lengths, and rows
+# long enough that the tokens come in several panels (reg_block.token_panel: 4 here).
 @pytest.mark.parametrize("T,R,K", [(2, 9, 200), (3, 8, 63), (5, 7, 64), (7, 13, 520), (16, 12, 2048),
-                                   (11, 6, 1408), (1, 5, 130), (16, 3, 100)])
+                                   (11, 6, 1408), (1, 5, 130), (16, 3, 100), (9, 6, 65600), (40, 5, 96)])
 @pytest.mark.parametrize("nch", [None, 1, 3])
 def test_matches_float64_products(T, R, K, nch):
     """Equal to the float64 product of the same bf16 values up to fp32 summation."""
@@ -51,7 +52,7 @@ def test_row_window_and_the_fp32_loop():
     np.testing.assert_allclose(out[:, 4:17], ref[:, 4:17], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("T", [2, 5, 16])
+@pytest.mark.parametrize("T", [2, 5, 16, 40])
 def test_expert_ffn_uses_it_for_bf16_tokens_only(T, monkeypatch):
     """expert_ffn takes the dot-product path for a bf16 token against bf16 w13 where
     BF16DP_SMALL_T holds, never for an fp32 token, and matches the reference."""

@@ -53,9 +53,10 @@ def _model(x_TK, q):
 
 
 # Every 4/2/1 token split, rows not a multiple of four (the T == 1 GEMV per token),
-# shorter last groups (K % 128), a row of only a short group, and long rows.
+# shorter last groups (K % 128), a row of only a short group, long rows, and rows long
+# enough that the tokens come in several panels (reg_block.token_panel: 4 here).
 @pytest.mark.parametrize("T,R,K", [(2, 9, 200), (3, 8, 128), (5, 7, 256), (7, 30, 4104), (16, 64, 1408),
-                                   (11, 5, 2048), (16, 6, 4096), (4, 8, 8)])
+                                   (11, 5, 2048), (16, 6, 4096), (4, 8, 8), (9, 6, 65600), (40, 5, 392)])
 @pytest.mark.parametrize("nch", [1, 3])
 def test_matches_the_exact_model(T, R, K, nch):
     q = quantize(torch.randn(R, K, generator=torch.Generator().manual_seed(K)), "int4", group_size=GROUP)
@@ -164,11 +165,11 @@ def test_generic_target():
     run_on_generic_target(code)
 
 
-@pytest.mark.parametrize("T", [2, 5, 16])
+@pytest.mark.parametrize("T", [2, 5, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_ffn_takes_it(T, dtype, monkeypatch):
-    """expert_ffn sends int4 (group 128) weights to this path at MIN_T <= T <= SMALL_T
-    where INT4DP_SMALL_T holds (both matmuls: token and hidden vector), and matches the
+    """expert_ffn sends int4 (group 128) weights to this path at T >= MIN_T (no upper
+    bound) where INT4DP_SMALL_T holds (both matmuls: token and hidden vector), and matches the
     reference within the 8-bit token rounding's tolerance."""
     calls = []
     real = expert_ffn_module.matmul_small_int4dp
