@@ -85,12 +85,13 @@ def _load_x16(b: ir.IRBuilder, ptr: ir.Value, index: ir.Value) -> ir.Value:
 
 
 def _lane_total(b: ir.IRBuilder, acc: ir.Value) -> ir.Value:
-    """The exact int64 sum of 16 int32 lanes."""
-    i32, i64 = ir.IntType(32), ir.IntType(64)
-    tot = ir.Constant(i64, 0)
-    for lane in range(_LANES):
-        tot = b.add(tot, b.sext(b.extract_element(acc, ir.Constant(i32, lane)), i64))
-    return tot
+    """The exact int64 sum of 16 int32 lanes, widened then summed as a vector (a halving
+    tree): the scalar chain of 16 extracts and adds ran once per token, row and block and
+    cost ~1/5 of the loop at T=16..64 (hot, 1.2x faster without it)."""
+    i64 = ir.IntType(64)
+    v16q = ir.VectorType(i64, _LANES)
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(i64, [v16q]), "llvm.vector.reduce.add.v16i64")
+    return b.call(fn, [b.sext(acc, v16q)])
 
 
 def _make_block(G: int):
