@@ -14,12 +14,8 @@ stay in registers over the whole row (`_block`), and the 4-row weight block is r
 once per group (from DRAM for the first group, from L1/L2 after it): ~8.5-9 cycles per
 token and step with the rows in L2, one thread (G = 4).
 
-Any T >= 2 takes it where expert_ffn selects it, not only small batches: the dot
-products do twice the work per instruction of the fp32 FMAs in tiles.py's register
-tiles, and cold DeepSeek-V2-Lite experts at T = 32..2048 ran 1.6-1.9x (int8), 2.2-3.7x
-(int4) and 1.5-1.6x (bf16) that path. The tokens go in panels that stay in L2 while
-every row block of a thread's range passes over them (reg_block.token_panel; T = 2048:
-1.07-1.09x over one panel).
+Any T >= 2 takes it where expert_ffn selects it, not only small batches, with the
+tokens in L2-sized panels (reg_block.py says why).
 
 Numerics: the products of two bf16 values are exact in fp32, so the result equals the
 fp32 loop's up to the summation order, except that the instruction treats denormal

@@ -17,12 +17,8 @@ four vector operations per token, row and group of 128 weights against eight. Th
 sums of 4 tokens x 4 rows stay in registers over the whole row (`_block`), as in
 small_t_bf16dp.py.
 
-Any T >= 2 takes it where expert_ffn selects it, not only small batches: the dot
-products do twice the work per instruction of the fp32 FMAs in tiles.py's register
-tiles, and cold DeepSeek-V2-Lite experts at T = 32..2048 ran 1.6-1.9x (int8), 2.2-3.7x
-(int4) and 1.5-1.6x (bf16) that path. The tokens go in panels that stay in L2 while
-every row block of a thread's range passes over them (reg_block.token_panel; T = 2048:
-1.07-1.09x over one panel).
+Any T >= 2 takes it where expert_ffn selects it, not only small batches, with the
+tokens in L2-sized panels (reg_block.py says why).
 
 Per 4-row block and token group the scale products s[r + j, g] * ts[t, g] are formed
 beforehand as 16 rows of Gf (a vectorised loop, ~1/128 of the dot work) and read in the

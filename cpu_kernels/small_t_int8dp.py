@@ -12,12 +12,8 @@ and at T = 16 int8 measured 0.85-0.92x torch. Here 32 weights are sign-extended 
 adds pairs into 16 int32 lanes; the lanes of 4 tokens x 4 rows stay in registers over
 a block of columns (`_block`), as in small_t_bf16dp.py.
 
-Any T >= 2 takes it where expert_ffn selects it, not only small batches: the dot
-products do twice the work per instruction of the fp32 FMAs in tiles.py's register
-tiles, and cold DeepSeek-V2-Lite experts at T = 32..2048 ran 1.6-1.9x (int8), 2.2-3.7x
-(int4) and 1.5-1.6x (bf16) that path. The tokens go in panels that stay in L2 while
-every row block of a thread's range passes over them (reg_block.token_panel; T = 2048:
-1.07-1.09x over one panel).
+Any T >= 2 takes it where expert_ffn selects it, not only small batches, with the
+tokens in L2-sized panels (reg_block.py says why).
 
 Numerics: those of the T == 1 path on the same hosts (gemv_madd.py): the token is
 x16 * xs with xs a power of two (|x16| <= 32767), products are summed exactly in int32
