@@ -48,7 +48,7 @@ from numba.core.extending import intrinsic
 
 from .gemv_madd import PF_BYTES
 from .int4_kernels import _int4_tail_dot
-from .ir_loop import counted_loop, hsum_f32
+from .ir_loop import counted_loop, hsum_f32, load_vec, splat
 from .numba_util import AVX512VNNI, REG_GEMV, njit_kernel
 from .tiles import prefetch_ir
 
@@ -159,29 +159,22 @@ def _groups_dot8(typingctx, w_W, wi, x8_N, ts_G, corr_GL, scale_S, si, groups):
         low = ir.Constant(v16i, [0x0F0F0F0F] * LANES)
         four = ir.Constant(v16i, [4] * LANES)
 
-        def splat(b, v):
-            one = b.insert_element(ir.Constant(v16f, ir.Undefined), v, ir.Constant(i32, 0))
-            return b.shuffle_vector(one, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * LANES))
-
-        def vec_at(b, ptr, idx, ty, align):
-            return b.load(b.bitcast(b.gep(ptr, [idx]), ty.as_pointer()), align=align)
-
         def group(b, g, acc):
             w0 = b.add(wbase, b.mul(g, ir.Constant(intp, _W)))
             # A prefetch past the array's end is harmless (a hint never faults), so
             # the address is not clamped: three scalar ops fewer per group.
             prefetch_ir(b, b.gep(wdata, [b.add(w0, ir.Constant(intp, PF_BYTES // 4))]), 2)
-            w = vec_at(b, wdata, w0, v16i, 4)
+            w = load_vec(b, wdata, w0, v16i, 4)
             x0 = b.mul(g, ir.Constant(intp, GROUP))
-            x_lo = vec_at(b, xdata, x0, v16i, 1)
-            x_hi = vec_at(b, xdata, b.add(x0, ir.Constant(intp, 64)), v16i, 1)
-            lanes = vec_at(b, cdata, b.mul(g, ir.Constant(intp, LANES)), v16i, 4)
+            x_lo = load_vec(b, xdata, x0, v16i, 1)
+            x_hi = load_vec(b, xdata, b.add(x0, ir.Constant(intp, 64)), v16i, 1)
+            lanes = load_vec(b, cdata, b.mul(g, ir.Constant(intp, LANES)), v16i, 4)
             lanes = _byte_dots(b, lanes, b.and_(w, low), x_lo)
             lanes = _byte_dots(b, lanes, b.and_(b.lshr(w, four), low), x_hi)
             # Two broadcast loads and two vector ops (multiply, multiply-add) for the two
             # scales; a scalar product then a broadcast measured slower.
-            part = b.fmul(b.sitofp(lanes, v16f), splat(b, b.load(b.gep(tsdata, [g]))))
-            sc = splat(b, b.load(b.gep(sdata, [b.add(sbase, g)])))
+            part = b.fmul(b.sitofp(lanes, v16f), splat(b, b.load(b.gep(tsdata, [g])), LANES))
+            sc = splat(b, b.load(b.gep(sdata, [b.add(sbase, g)])), LANES)
             return b.fadd(acc, b.fmul(part, sc, flags=("contract",)), flags=("contract",))
 
         def pair(b, k, accs):

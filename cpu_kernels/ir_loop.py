@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from llvmlite import ir
 
-__all__ = ["counted_loop", "hsum_f32"]
+__all__ = ["counted_loop", "hsum_f32", "load_vec", "splat"]
 
 
 def counted_loop(builder: ir.IRBuilder, count: ir.Value, inits: Sequence[ir.Value],
@@ -62,3 +62,17 @@ def hsum_f32(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
         hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n))))
         v = b.fadd(lo, hi)
     return b.extract_element(v, ir.Constant(i32, 0))
+
+
+def load_vec(b: ir.IRBuilder, ptr: ir.Value, index: ir.Value, ty: ir.VectorType, align: int) -> ir.Value:
+    """The vector of type ty stored from element ptr[index] (align: bytes it is known to
+    be aligned to)."""
+    return b.load(b.bitcast(b.gep(ptr, [index]), ty.as_pointer()), align=align)
+
+
+def splat(b: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
+    """The scalar v broadcast to n lanes."""
+    i32 = ir.IntType(32)
+    vt = ir.VectorType(v.type, n)
+    one = b.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+    return b.shuffle_vector(one, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(i32, n), [0] * n))

@@ -36,7 +36,7 @@ from .numba_util import njit_kernel
 from .ir_loop import counted_loop
 from .tiles import prefetch_ir
 
-__all__ = ["PANEL_BYTES", "ROWS", "VEC", "make_block", "token_panel"]
+__all__ = ["PANEL_BYTES", "ROWS", "VEC", "make_block", "token_group", "token_panel"]
 
 ROWS = 4
 VEC = 32  # elements per loaded vector: two per row and step
@@ -53,6 +53,13 @@ def token_panel(T, bytes_per_token):
     PANEL_BYTES (at least 4), or T when all of them fit; at least 1."""
     n = max(4, PANEL_BYTES // max(bytes_per_token, 1) // 4 * 4)
     return max(1, min(T, n))
+
+
+@njit_kernel(parallel=False)
+def token_group(left):
+    """Tokens in the next group of a token loop with `left` tokens to go: 4, 2 or 1
+    (the kernels' blocks are compiled for those group sizes)."""
+    return 4 if left >= 4 else (2 if left >= 2 else 1)
 
 
 def make_block(G: int, w_dtype, x_dtype, out_dtype, load_w: Callable, load_x: Callable, dot: Callable,

@@ -37,7 +37,7 @@ from .gemv import STEP
 from .ir_loop import hsum_f32
 from .numba_util import AVX512BF16, REG_GEMV, njit_kernel
 from .reg_block import ROWS as _ROWS
-from .reg_block import make_block, token_panel
+from .reg_block import make_block, token_group, token_panel
 from .tiles import bf16_to_f32
 
 __all__ = ["BF16DP_SMALL_T", "rows_small_bf16dp", "matmul_small_bf16dp"]
@@ -130,7 +130,7 @@ def rows_small_bf16dp(x16_TK, w_RK, out_TR, r_lo, r_hi):
         while r + _ROWS <= r_hi:
             t0 = c0
             while t0 < c1:
-                g = 4 if c1 - t0 >= 4 else (2 if c1 - t0 >= 2 else 1)
+                g = token_group(c1 - t0)
                 # The first group streams the rows from memory (prefetched); later ones find
                 # them in L1/L2.
                 ahead = _PF_ELEMS if t0 == c0 else 0

@@ -24,9 +24,10 @@ Per 4-row block and token group the scale products s[r + j, g] * ts[t, g] are fo
 a first pass over the groups, one 16-lane vector per group (8 scalar loads, two
 broadcast patterns, one multiply), and read in the main loop as broadcast operands. A
 numba loop of 16 scalar products per group, which it replaced, cost ~30% of the block on
-rows of 1408 columns (in cache; cold through expert_ffn 1.10x at T=4..64). The lanes of each token and group start at its corr (-8
-times the sums of its bytes, quantize_x8), so they end at exactly v . x8 (the +8 of
-the stored nibbles removed) as at T == 1.
+rows of 1408 columns (in cache; cold through expert_ffn 1.10x at T=4..64). The lanes
+of each token and group start at its corr (-8 times the sums of its bytes,
+quantize_x8), so they end at exactly v . x8 (the +8 of the stored nibbles removed) as
+at T == 1.
 
 Numerics: those of int4_dot8.py (~1.5% of the output from rounding the token to 8 bits
 per group; the int4 weights themselves move it ~16%); per-group products are exact, only
@@ -49,9 +50,9 @@ from numba.core.extending import intrinsic
 from .int4_dot8 import DOT8_DECODE, GROUP, LANES, _byte_dots, gemv_int4_dot8, quantize_x8
 from .int4_gemv import permute_x
 from .int4_kernels import _int4_tail_dot
-from .ir_loop import counted_loop, hsum_f32
+from .ir_loop import counted_loop, hsum_f32, load_vec, splat
 from .numba_util import njit_kernel
-from .reg_block import token_panel
+from .reg_block import token_group, token_panel
 from .small_t_int4 import _permute, _rows
 from .tiles import prefetch_ir
 
@@ -113,13 +114,6 @@ def _make_block(G: int):
             low = ir.Constant(v16i, [0x0F0F0F0F] * LANES)
             four = ir.Constant(v16i, [4] * LANES)
 
-            def vec_at(b, ptr, i, ty, align):
-                return b.load(b.bitcast(b.gep(ptr, [i]), ty.as_pointer()), align=align)
-
-            def splat(b, v):
-                one = b.insert_element(ir.Constant(v16f, ir.Undefined), v, ir.Constant(i32, 0))
-                return b.shuffle_vector(one, ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * LANES))
-
             def scale_products(b, g, carried):
                 # sp[16 g + 4 t + j] = s[j, g] * ts[t, g]: 8 scalar loads, two
                 # broadcast patterns and one multiply per group (tokens past G repeat
@@ -146,21 +140,21 @@ def _make_block(G: int):
                 for j in range(_ROWS):
                     w0 = b.add(b.add(wbase, b.mul(stride, const(j))), b.mul(g, const(_W)))
                     prefetch_ir(b, b.gep(wdata, [b.add(w0, ahead_words)]), 2)
-                    w = vec_at(b, wdata, w0, v16i, 4)
+                    w = load_vec(b, wdata, w0, v16i, 4)
                     nibbles.append((b.and_(w, low), b.and_(b.lshr(w, four), low)))
                 for t in range(G):
                     x0 = b.add(b.add(xbase, b.mul(xstride, const(t))), b.mul(g, const(GROUP)))
-                    x_lo = vec_at(b, xdata, x0, v16i, 1)
-                    x_hi = vec_at(b, xdata, b.add(x0, const(GROUP // 2)), v16i, 1)
+                    x_lo = load_vec(b, xdata, x0, v16i, 1)
+                    x_hi = load_vec(b, xdata, b.add(x0, const(GROUP // 2)), v16i, 1)
                     c0 = b.add(cbase, b.mul(b.add(b.mul(gstride, const(t)), g), const(LANES)))
-                    corr = vec_at(b, cdata, c0, v16i, 4)
+                    corr = load_vec(b, cdata, c0, v16i, 4)
                     for j in range(_ROWS):
                         lanes = _byte_dots(b, corr, nibbles[j][0], x_lo)
                         lanes = _byte_dots(b, lanes, nibbles[j][1], x_hi)
                         sp = b.load(b.gep(sdata, [b.add(b.mul(g, const(16)), const(_ROWS * t + j))]))
                         k = _ROWS * t + j
-                        accs[k] = b.fadd(accs[k], b.fmul(b.sitofp(lanes, v16f), splat(b, sp), flags=("contract",)),
-                                         flags=("contract",))
+                        part = b.fmul(b.sitofp(lanes, v16f), splat(b, sp, LANES), flags=("contract",))
+                        accs[k] = b.fadd(accs[k], part, flags=("contract",))
                 return accs
 
             zero = ir.Constant(v16f, [0.0] * LANES)
@@ -188,7 +182,7 @@ def _panel_rows(x_TK, x8_TK, ts_TG, corr_TGL, xsum_TG, p_RP, w_RW, scale_RG, out
     while r + _ROWS <= r_hi:
         t0 = c0
         while t0 < c1:
-            n = 4 if c1 - t0 >= 4 else (2 if c1 - t0 >= 2 else 1)
+            n = token_group(c1 - t0)
             # The first token group streams the rows from memory (prefetched ahead);
             # later groups find them in L1/L2.
             ahead = _PF_BYTES if t0 == c0 else 0

@@ -35,7 +35,7 @@ from .gemv import STEP
 from .gemv_madd import BLOCK, quantize_x16
 from .numba_util import AVX512VNNI, REG_GEMV, njit_kernel
 from .reg_block import ROWS as _ROWS
-from .reg_block import make_block, token_panel
+from .reg_block import make_block, token_group, token_panel
 from .small_t import rows_small_int8
 
 __all__ = ["INT8DP_SMALL_T", "MIN_T", "matmul_small_int8dp", "rows_small_int8dp"]
@@ -128,7 +128,7 @@ def rows_small_int8dp(x16_TK, xs_T, q_RK, scale_R, out_TR, r_lo, r_hi):
         while r + _ROWS <= r_hi:
             t0 = c0
             while t0 < c1:
-                g = 4 if c1 - t0 >= 4 else (2 if c1 - t0 >= 2 else 1)
+                g = token_group(c1 - t0)
                 tot[:] = 0.0
                 for b0 in range(0, K, BLOCK):
                     b1 = min(K, b0 + BLOCK)
